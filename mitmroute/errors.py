@@ -1,0 +1,125 @@
+"""OpenAI-shaped errors that the proxy itself produces.
+
+The status codes are chosen so that the official openai SDK raises the matching exception:
+400 BadRequestError, 401 AuthenticationError, 403 PermissionDeniedError, 404 NotFoundError,
+429 RateLimitError, 5xx InternalServerError.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ProxyError(Exception):
+    """An error answered to the client as `{"error": {message, type, param, code}}`."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    retryable: bool = False
+    """True when another attempt (retry or fallback) may succeed."""
+    kind: str = "error"
+    """Classification used by fallbacks: error, timeout, connect, rate_limit, context_window,
+    content_policy, auth, bad_request."""
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.type}: {self.message}"
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body()).encode()
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ProxyError:
+    return ProxyError(400, message, "invalid_request_error", code=code, param=param,
+                      kind="bad_request")  # fmt: skip
+
+
+def model_not_found(model: str) -> ProxyError:
+    return ProxyError(
+        404,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        "invalid_request_error",
+        code="model_not_found",
+        param="model",
+        kind="bad_request",
+    )
+
+
+def internal_error(message: str) -> ProxyError:
+    return ProxyError(500, message, "server_error", code="internal_error")
+
+
+def upstream_unreachable(message: str) -> ProxyError:
+    return ProxyError(502, message, "server_error", code="upstream_unreachable", retryable=True,
+                      kind="connect")  # fmt: skip
+
+
+def upstream_timeout(message: str) -> ProxyError:
+    return ProxyError(504, message, "server_error", code="upstream_timeout", retryable=True,
+                      kind="timeout")  # fmt: skip
+
+
+RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+def classify_status(status: int, message: str = "", code: str | None = None) -> str:
+    """The error class of an upstream status (and its message), for retries and fallbacks."""
+    text = f"{code or ''} {message}".lower()
+    if status == 429:
+        return "rate_limit"
+    if status in (408,):
+        return "timeout"
+    if status >= 500:
+        return "error"
+    if "context_length" in text or "context length" in text or "too many tokens" in text or (
+        "prompt is too long" in text
+    ):
+        return "context_window"
+    if "content_policy" in text or "content policy" in text or "content_filter" in text:
+        return "content_policy"
+    if status in (401, 403):
+        return "auth"
+    return "bad_request"
+
+
+def upstream_error(status: int, payload: object, *, provider: str) -> ProxyError:
+    """Turn an upstream error response (any provider's shape) into a ProxyError."""
+    message, etype, code, param = f"upstream {provider} answered {status}", None, None, None
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            etype = err.get("type")
+            code = err.get("code")
+            param = err.get("param")
+        elif isinstance(err, str):
+            message = err
+    elif isinstance(payload, str) and payload.strip():
+        message = payload.strip()[:500]
+    kind = classify_status(status, message, code if isinstance(code, str) else None)
+    if kind == "context_window":
+        code = code or "context_length_exceeded"
+    return ProxyError(
+        status=status,
+        message=message,
+        type=str(etype or ("server_error" if status >= 500 else "invalid_request_error")),
+        code=str(code) if code is not None else None,
+        param=str(param) if param is not None else None,
+        retryable=status in RETRYABLE_STATUSES,
+        kind=kind,
+    )

@@ -1,0 +1,170 @@
+"""Server-sent events: an incremental parser, the encoder, and a chunk assembler."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmroute.exchange import Usage
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class Event:
+    data: str
+    event: str | None = None
+
+
+class SSEParser:
+    """Splits a byte stream, fed in arbitrary pieces, into complete events."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Event]:
+        self._buffer += data
+        if b"\n\n" not in self._buffer and b"\r\n\r\n" not in self._buffer:
+            return []
+        text = self._buffer.replace(b"\r\n", b"\n")
+        *blocks, self._buffer = text.split(b"\n\n")
+        events = []
+        for block in blocks:
+            event = _parse_block(block.decode("utf-8", "replace"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def finish(self) -> list[Event]:
+        """The last event when the stream ended without a blank line."""
+        rest, self._buffer = self._buffer, b""
+        event = _parse_block(rest.decode("utf-8", "replace").strip("\r\n"))
+        return [event] if event is not None else []
+
+
+def _parse_block(block: str) -> Event | None:
+    data_lines: list[str] = []
+    name = None
+    for line in block.split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        key, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if key == "data":
+            data_lines.append(value)
+        elif key == "event":
+            name = value
+    if not data_lines and name is None:
+        return None
+    return Event(data="\n".join(data_lines), event=name)
+
+
+def encode(chunk: dict[str, Any]) -> bytes:
+    """One `data: {...}` event."""
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+def encode_error(message: str, *, etype: str = "server_error", code: str | None = None) -> bytes:
+    """An SSE error event the openai SDK raises on (it checks `error` in each data object)."""
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+@dataclass(slots=True)
+class ChunkAssembler:
+    """Folds `chat.completion.chunk` dicts into the equivalent `chat.completion` body.
+
+    Used for the spend log (usage, token estimates), the cache (a streamed answer is stored as
+    a whole completion) and for the model that answered.
+    """
+
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    system_fingerprint: str | None = None
+    usage: Usage | None = None
+    chunks: int = 0
+    _choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.chunks += 1
+        self.id = self.id or chunk.get("id")
+        self.model = chunk.get("model") or self.model
+        self.created = self.created or chunk.get("created")
+        self.system_fingerprint = chunk.get("system_fingerprint") or self.system_fingerprint
+        if chunk.get("usage"):
+            self.usage = Usage.from_openai(chunk["usage"])
+        for choice in chunk.get("choices") or ():
+            self._add_choice(choice)
+
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        index = choice.get("index", 0)
+        acc = self._choices.setdefault(
+            index, {"role": "assistant", "content": None, "tool_calls": {}, "finish_reason": None,
+                    "refusal": None}  # fmt: skip
+        )
+        delta = choice.get("delta") or {}
+        if delta.get("role"):
+            acc["role"] = delta["role"]
+        if delta.get("content") is not None:
+            acc["content"] = (acc["content"] or "") + delta["content"]
+        if delta.get("refusal") is not None:
+            acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
+        for call in delta.get("tool_calls") or ():
+            slot = acc["tool_calls"].setdefault(
+                call.get("index", 0),
+                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+            )
+            if call.get("id"):
+                slot["id"] = call["id"]
+            fn = call.get("function") or {}
+            if fn.get("name"):
+                slot["function"]["name"] += fn["name"]
+            if fn.get("arguments"):
+                slot["function"]["arguments"] += fn["arguments"]
+        if choice.get("finish_reason"):
+            acc["finish_reason"] = choice["finish_reason"]
+
+    @property
+    def finished(self) -> bool:
+        """True when every choice seen has a finish reason."""
+        return bool(self._choices) and all(c["finish_reason"] for c in self._choices.values())
+
+    def text(self) -> str:
+        """All generated text and tool arguments, for token estimates."""
+        parts = []
+        for c in self._choices.values():
+            parts.append(c["content"] or "")
+            for call in c["tool_calls"].values():
+                parts.append(call["function"]["name"] + call["function"]["arguments"])
+        return "".join(parts)
+
+    def completion(self) -> dict[str, Any]:
+        """The assembled `chat.completion` body."""
+        choices = []
+        for index in sorted(self._choices):
+            c = self._choices[index]
+            message: dict[str, Any] = {"role": c["role"], "content": c["content"]}
+            if c["refusal"] is not None:
+                message["refusal"] = c["refusal"]
+            if c["tool_calls"]:
+                message["tool_calls"] = [c["tool_calls"][i] for i in sorted(c["tool_calls"])]
+            choices.append(
+                {"index": index, "message": message, "finish_reason": c["finish_reason"],
+                 "logprobs": None}  # fmt: skip
+            )
+        body: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.system_fingerprint:
+            body["system_fingerprint"] = self.system_fingerprint
+        if self.usage is not None:
+            body["usage"] = self.usage.to_openai()
+        return body
