@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 
@@ -99,7 +100,7 @@ class Exchange:
     attempts: list[Attempt] = field(default_factory=list)
     fallback_used: bool = False
     usage: Usage | None = None
-    cost_usd: float | None = None
-    saved_usd: float | None = None
+    cost_usd: Decimal | None = None
+    saved_usd: Decimal | None = None
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
