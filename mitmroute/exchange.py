@@ -104,3 +104,5 @@ class Exchange:
     saved_usd: Decimal | None = None
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    clock_start: float = 0.0
+    """`time.perf_counter()` at arrival, for latencies (not persisted)."""

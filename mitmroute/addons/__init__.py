@@ -1,0 +1,1 @@
+"""The mitmproxy addons, one concern each; `addons/router.py` assembles them into a chain."""

@@ -1,0 +1,134 @@
+"""Routes intercepted OpenAI API requests to the backends `router_config` names.
+
+Non-streamed answers are made here and set as `flow.response`, so the original host is never
+contacted. Streamed answers are handed to the in-process relay and the flow is pointed at it;
+`responseheaders` then switches mitmproxy to streaming so chunks flow through as they come.
+Any failure answers the client with an OpenAI-shaped error: a request is never forwarded
+unrouted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from mitmproxy import ctx, exceptions, http
+
+from mitmroute import errors
+from mitmroute.addons.shared import Shared
+from mitmroute.config import ConfigError, default_config_path, load_config
+from mitmroute.engine import ClientRequest, Engine, Reply
+from mitmroute.streaming.relay import RelayedStream, StreamRelay
+
+log = logging.getLogger("mitmroute")
+
+RELAY_KEY = "mitmroute.relay"
+IDENTITY_KEY = "mitmroute.identity"
+EXCHANGE_KEY = "mitmroute.exchange"
+
+
+class Router:
+    def __init__(self, shared: Shared | None = None) -> None:
+        self.shared = shared or Shared()
+        self.engine: Engine | None = None
+        self.relay = StreamRelay()
+        self.is_running = False
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "router_config", str, "",
+            "mitmroute config.yaml (LiteLLM schema). Default: ./config.yaml when present, "
+            "else the built-in defaults.",
+        )  # fmt: skip
+
+    def configure(self, updated: set[str]) -> None:
+        if self.engine is not None and "router_config" not in updated:
+            return
+        path = ctx.options.router_config or default_config_path()
+        try:
+            config = load_config(path)
+        except ConfigError as e:
+            if not self.is_running:
+                # A proxy without its routes would forward everything unrouted: refuse to start.
+                print(f"mitmroute: config error: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise exceptions.OptionsError(f"mitmroute: {e}") from None
+        old = self.engine
+        self.engine = Engine(config)
+        self.engine.listeners.append(self.shared.publish_exchange)
+        self.shared.publish_config(config)
+        log.info("mitmroute: %d deployments in %d groups from %s", len(config.deployments),
+                 len(self.engine.groups), config.source)  # fmt: skip
+        if self.is_running:
+            ctx.master.event_loop.create_task(self._swap(old))  # type: ignore[attr-defined]
+
+    async def _swap(self, old: Engine | None) -> None:
+        assert self.engine is not None
+        await self.engine.start()
+        if old is not None:
+            await old.close()
+
+    async def running(self) -> None:
+        self.is_running = True
+        await self.relay.start()
+        if self.engine is not None:
+            await self.engine.start()
+
+    async def done(self) -> None:
+        await self.relay.close()
+        if self.engine is not None:
+            await self.engine.close()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        engine = self.engine
+        if engine is None or not engine.intercepts(flow.request.host):
+            return
+        t0 = time.perf_counter()
+        try:
+            reply = await engine.handle(self._client_request(flow))
+            if reply.passthrough:
+                return
+            self._respond(flow, reply)
+        except Exception as e:  # fail closed: never let the flow go on unrouted
+            log.exception("mitmroute: internal error")
+            err = errors.internal_error(f"mitmroute internal error: {type(e).__name__}")
+            flow.response = http.Response.make(err.status, err.to_bytes(),
+                                               {"content-type": "application/json"})  # fmt: skip
+            return
+        exchange = reply.exchange
+        if exchange is not None and reply.stream is None:
+            log.info("%s %s -> %s %d %.1fms", exchange.request_id[:11],
+                     exchange.requested_model, exchange.deployment or "-", reply.status,
+                     (time.perf_counter() - t0) * 1000)  # fmt: skip
+
+    @staticmethod
+    def _client_request(flow: http.HTTPFlow) -> ClientRequest:
+        headers = {k.lower(): v for k, v in flow.request.headers.items()}
+        return ClientRequest(
+            method=flow.request.method,
+            path=flow.request.path,
+            headers=headers,
+            body=flow.request.get_content(strict=False) or b"",
+            identity=flow.metadata.get(IDENTITY_KEY, {}),
+        )  # fmt: skip
+
+    def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
+        flow.metadata[EXCHANGE_KEY] = reply.exchange
+        if reply.stream is None:
+            flow.response = http.Response.make(reply.status, reply.body, reply.headers)
+            return
+        path = self.relay.register(RelayedStream(reply.status, reply.headers, reply.stream))
+        flow.metadata[RELAY_KEY] = True
+        flow.request.scheme = "http"
+        flow.request.host = "127.0.0.1"
+        flow.request.port = self.relay.port
+        flow.request.path = path
+        flow.request.content = b""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if not flow.metadata.get(RELAY_KEY) or flow.response is None:
+            return
+        flow.response.stream = True

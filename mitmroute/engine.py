@@ -1,0 +1,515 @@
+"""The request story: match, parse, pick a deployment, (cache), call with fallbacks, translate,
+respond, log.
+
+`Engine.handle` takes a plain `ClientRequest` and returns a `Reply`; it knows nothing of
+mitmproxy, so it is tested directly. The addon in `mitmroute.addons.router` adapts flows to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from mitmroute import errors
+from mitmroute.config import Deployment, RouterConfig
+from mitmroute.errors import ProxyError
+from mitmroute.exchange import Attempt, Exchange, Usage
+from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS, Provider, provider_for
+from mitmroute.providers.base import StreamTranslator
+from mitmroute.routing.cooldown import Cooldowns
+from mitmroute.routing.ladder import (
+    backoff,
+    build_ladder,
+    parse_retry_after,
+    retries_for,
+    special_fallbacks,
+)
+from mitmroute.routing.picker import DeploymentPicker
+from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error
+
+log = logging.getLogger("mitmroute")
+
+ROUTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+JSON_HEADERS = {"content-type": "application/json"}
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """What the engine needs of an intercepted request."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    """Lower-case header names."""
+    body: bytes
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What authentication learned of the caller: key_alias, team, api_key_hash, ..."""
+
+
+@dataclass(slots=True)
+class Reply:
+    """The engine's answer: a whole body, a stream of bytes, or 'let it pass through'."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    passthrough: bool = False
+    exchange: Exchange | None = None
+
+
+@dataclass(slots=True)
+class Answer:
+    """A successful upstream answer, before it becomes a Reply."""
+
+    deployment: Deployment
+    body: dict[str, Any] | None = None
+    stream: _OpenStream | None = None
+
+
+@dataclass(slots=True)
+class _OpenStream:
+    response: aiohttp.ClientResponse
+    translator: StreamTranslator
+    first: list[dict[str, Any]]
+    read_timeout: float | None
+
+
+def endpoint_of(path: str) -> str | None:
+    """`/v1/chat/completions?x` -> `chat/completions`; None for paths outside `/v1/`."""
+    path = path.split("?", 1)[0]
+    if not path.startswith("/v1/"):
+        return None
+    return path[4:].rstrip("/")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class Engine:
+    """Routes OpenAI API requests to the deployments of one RouterConfig."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.groups = config.groups()
+        self.cooldowns = Cooldowns(config.router.allowed_fails, config.router.cooldown_time)
+        self.picker = DeploymentPicker(self.cooldowns)
+        self.listeners: list[Callable[[Exchange], None]] = []
+        """Called once per finished exchange (spend log, metrics, budgets)."""
+        self.pricer: Callable[[Exchange, Deployment | None], None] | None = None
+        self.estimator: Callable[[Exchange, dict[str, Any], str], None] | None = None
+        self.session: aiohttp.ClientSession | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
+                                         keepalive_timeout=60)  # fmt: skip
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    # --- the story ------------------------------------------------------------------------
+
+    def intercepts(self, host: str) -> bool:
+        return host.lower() in self.config.general.intercept_hosts
+
+    async def handle(self, request: ClientRequest) -> Reply:
+        """Answer one intercepted request (never raises)."""
+        endpoint = endpoint_of(request.path)
+        if endpoint == "models" and request.method == "GET":
+            return self._models()
+        if endpoint not in ROUTED_ENDPOINTS or request.method != "POST":
+            return Reply(passthrough=True)
+        exchange = self._new_exchange(request, endpoint)
+        try:
+            body = self._parse_body(request.body, endpoint)
+            exchange.requested_model = body["model"]
+            exchange.user = body.get("user") if isinstance(body.get("user"), str) else None
+            exchange.stream = body.get("stream") is True
+            group = self.config.router.model_group_alias.get(body["model"], body["model"])
+            if group not in self.groups:
+                if self.config.general.passthrough_unknown_models:
+                    return Reply(passthrough=True)
+                raise errors.model_not_found(body["model"])
+            exchange.model_group = group
+            answer = await self._route(request, endpoint, body, group, exchange)
+        except ProxyError as e:
+            return self._error_reply(e, exchange)
+        except Exception as e:  # fail closed, never leak the request unrouted
+            log.exception("[%s] internal error", exchange.request_id)
+            return self._error_reply(errors.internal_error(f"mitmroute internal error: {e}"),
+                                     exchange)  # fmt: skip
+        return self._success_reply(answer, exchange, body, endpoint)
+
+    def _new_exchange(self, request: ClientRequest, endpoint: str) -> Exchange:
+        identity = request.identity
+        key = bearer(request.headers)
+        tags = [t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",")
+                if t.strip()]  # fmt: skip
+        return Exchange(
+            request_id=f"mr-{uuid.uuid4().hex}",
+            started_at=now_utc(),
+            endpoint=endpoint,
+            api_key_hash=identity.get("api_key_hash") or (hash_key(key) if key else None),
+            key_alias=identity.get("key_alias"),
+            team=identity.get("team"),
+            tags=tags,
+            clock_start=time.perf_counter(),
+        )
+
+    def _parse_body(self, raw: bytes, endpoint: str) -> dict[str, Any]:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError as e:
+            raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise errors.bad_request("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise errors.bad_request("you must provide a model parameter", param="model")
+        if "stream" in body and not isinstance(body["stream"], bool | None):
+            raise errors.bad_request("`stream` must be a boolean", param="stream")
+        if endpoint == CHAT:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise errors.bad_request("`messages` must be a non-empty array", param="messages")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise errors.bad_request(f"messages[{i}] must be an object with a role",
+                                             param=f"messages[{i}]")  # fmt: skip
+        elif endpoint == COMPLETIONS and "prompt" not in body:
+            raise errors.bad_request("you must provide a prompt parameter", param="prompt")
+        elif endpoint == EMBEDDINGS and "input" not in body:
+            raise errors.bad_request("you must provide an input parameter", param="input")
+        return body
+
+    # --- routing with retries and fallbacks --------------------------------------------------
+
+    async def _route(self, request: ClientRequest, endpoint: str, body: dict[str, Any],
+                     group: str, exchange: Exchange) -> Answer:  # fmt: skip
+        settings = self.config.router
+        ladder = build_ladder(group, settings)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.timeout
+        failures: list[str] = []
+        tried: set[str] = set()
+        retries = 0
+        last: ProxyError | None = None
+        while True:
+            deployments = self.groups[ladder.group]
+            deployment = self.picker.pick(deployments, tried)
+            if deployment is None or (deployment.id in tried and ladder.has_next):
+                if deployment is None:
+                    failures.append(f"{ladder.group}: every deployment is cooling down")
+                if ladder.advance():
+                    tried, retries = set(), 0
+                    continue
+                if deployment is None:
+                    raise self._exhausted(group, failures, last)
+            if deployment.id in tried:
+                if last is None or retries >= retries_for(last, settings):
+                    raise self._exhausted(group, failures, last)
+                retries += 1
+                retry_after = parse_retry_after(last.headers.get("retry-after"))
+                wait = backoff(retries, settings, retry_after)
+                if loop.time() + wait >= deadline:
+                    failures.append(f"deadline of {settings.timeout:g}s reached")
+                    raise self._exhausted(group, failures, last)
+                await asyncio.sleep(wait)
+            tried.add(deployment.id)
+            try:
+                answer = await self._attempt(request, endpoint, body, deployment, exchange,
+                                             deadline - loop.time())  # fmt: skip
+            except ProxyError as e:
+                last = e
+                failures.append(f"{deployment.litellm_model} ({deployment.api_base}): {e}")
+                if e.retryable:
+                    retry_after = parse_retry_after(e.headers.get("retry-after"))
+                    self.cooldowns.failure(deployment.id, e.kind,
+                                           retry_after if e.status == 429 else None)  # fmt: skip
+                    if loop.time() >= deadline:
+                        failures.append(f"deadline of {settings.timeout:g}s reached")
+                        raise self._exhausted(group, failures, last) from None
+                    continue
+                targets = special_fallbacks(e, ladder.group, settings)
+                if targets and ladder.switch(targets):
+                    tried, retries = set(), 0
+                    continue
+                raise
+            self.cooldowns.success(deployment.id)
+            exchange.fallback_used = ladder.position > 0
+            return answer
+
+    def _exhausted(self, group: str, failures: list[str], last: ProxyError | None) -> ProxyError:
+        rate_limited = last is not None and last.kind == "rate_limit"
+        tried = "; ".join(failures) or "nothing was tried"
+        message = f"No deployment of `{group}` could answer. Tried: {tried}"
+        if rate_limited:
+            return ProxyError(429, message, "rate_limit_exceeded", code="all_deployments_failed",
+                              kind="rate_limit")  # fmt: skip
+        return ProxyError(503, message, "server_error", code="all_deployments_failed",
+                          kind="error")  # fmt: skip
+
+    async def _attempt(self, request: ClientRequest, endpoint: str, body: dict[str, Any],
+                       deployment: Deployment, exchange: Exchange,
+                       remaining: float) -> Answer:  # fmt: skip
+        provider = provider_for(deployment.provider)
+        if endpoint not in provider.endpoints:
+            raise errors.bad_request(
+                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model")
+        call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
+        headers = call.headers
+        if not deployment.api_key and provider.name == "openai":
+            # No key of our own: the client's key (and org/project) go to its own OpenAI.
+            if auth := request.headers.get("authorization"):
+                headers = {**headers, "authorization": auth}
+            for name in FORWARDED_CLIENT_HEADERS:
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+        stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
+        timeout = min(deployment.timeout or self.config.router.timeout, remaining)
+        started, t0 = now_utc(), time.perf_counter()
+        attempt = Attempt(len(exchange.attempts) + 1, deployment.litellm_model,
+                          deployment.api_base, started)  # fmt: skip
+        exchange.attempts.append(attempt)
+        try:
+            if stream:
+                first_byte = deployment.stream_timeout or self.config.router.stream_timeout
+                opened = await self._open_stream(
+                    provider, endpoint, deployment, call.url, headers, call.body, timeout,
+                    min(first_byte or timeout, remaining))  # fmt: skip
+                attempt.status_code = 200
+                return Answer(deployment, stream=opened)
+            result = await self._call(provider, endpoint, deployment, call.url, headers,
+                                      call.body, timeout)  # fmt: skip
+            attempt.status_code = 200
+            return Answer(deployment, body=result)
+        except ProxyError as e:
+            attempt.status_code, attempt.error_type = e.status, e.code or e.kind
+            raise
+        finally:
+            attempt.latency_ms = (time.perf_counter() - t0) * 1000
+
+    async def _call(self, provider: Provider, endpoint: str, deployment: Deployment, url: str,
+                    headers: dict[str, str], data: bytes, timeout: float) -> dict[str, Any]:  # fmt: skip
+        assert self.session is not None
+        try:
+            async with self.session.post(url, data=data, headers=headers,
+                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:  # fmt: skip
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._upstream_error(provider, resp, raw)
+                return provider.parse(endpoint, raw, deployment)
+        except TimeoutError:
+            raise errors.upstream_timeout(
+                f"{deployment.litellm_model} did not answer within {timeout:.1f}s") from None
+        except aiohttp.ClientError as e:
+            raise errors.upstream_unreachable(
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}") from None
+
+    async def _open_stream(self, provider: Provider, endpoint: str, deployment: Deployment,
+                           url: str, headers: dict[str, str], data: bytes, timeout: float,
+                           first_byte: float) -> _OpenStream:  # fmt: skip
+        """Open the upstream stream and wait for its first chunk: failing before that point
+        is still invisible to the client (the ladder moves on)."""
+        assert self.session is not None
+        resp = None
+        try:
+            resp = await asyncio.wait_for(
+                self.session.post(url, data=data, headers=headers), first_byte)
+            if resp.status >= 400:
+                raw = await asyncio.wait_for(resp.read(), first_byte)
+                raise self._upstream_error(provider, resp, raw)
+            translator = provider.stream(endpoint, deployment)
+            first: list[dict[str, Any]] = []
+            while not first:
+                data_in = await asyncio.wait_for(resp.content.readany(), first_byte)
+                if not data_in:
+                    first = translator.finish()
+                    if not first:
+                        raise ProxyError(502, f"{deployment.litellm_model} closed the stream "
+                                         "before sending anything", "server_error",
+                                         code="upstream_stream_empty", retryable=True)  # fmt: skip
+                    break
+                first = translator.feed(data_in)
+            read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
+            return _OpenStream(resp, translator, first, read_timeout or timeout)
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise errors.upstream_timeout(
+                f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
+            ) from None
+        except aiohttp.ClientError as e:
+            if resp is not None:
+                resp.close()
+            raise errors.upstream_unreachable(
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}") from None
+        except ProxyError:
+            if resp is not None:
+                resp.close()
+            raise
+
+    @staticmethod
+    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse,
+                        raw: bytes) -> ProxyError:  # fmt: skip
+        try:
+            payload: Any = json.loads(raw)
+        except ValueError:
+            payload = raw.decode("utf-8", "replace")
+        error = provider.error(resp.status, payload)
+        for name in ("retry-after", "retry-after-ms"):
+            if name in resp.headers:
+                value = resp.headers[name]
+                if name == "retry-after-ms":
+                    value = str(float(value) / 1000)
+                error.headers["retry-after"] = value
+        return error
+
+    # --- replies ---------------------------------------------------------------------------
+
+    def _headers(self, exchange: Exchange, base: Mapping[str, str]) -> dict[str, str]:
+        headers = {**base, "x-mitmroute-request-id": exchange.request_id}
+        if exchange.deployment:
+            headers["x-mitmroute-deployment"] = exchange.deployment
+        headers["x-mitmroute-attempts"] = str(len(exchange.attempts))
+        return headers
+
+    def _error_reply(self, error: ProxyError, exchange: Exchange) -> Reply:
+        exchange.status_code = error.status
+        exchange.error_type = error.code or error.type
+        headers = self._headers(exchange, JSON_HEADERS)
+        for name, value in error.headers.items():
+            if name != "retry-after" or error.status == 429:
+                headers[name] = value
+        self.finish(exchange)
+        return Reply(error.status, headers, error.to_bytes(), exchange=exchange)
+
+    def _success_reply(self, answer: Answer, exchange: Exchange, body: dict[str, Any],
+                       endpoint: str) -> Reply:  # fmt: skip
+        deployment = answer.deployment
+        exchange.deployment = deployment.litellm_model
+        exchange.provider = deployment.provider
+        exchange.api_base = deployment.api_base
+        exchange.status_code = 200
+        if answer.stream is not None:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment)
+            return Reply(200, self._headers(exchange, SSE_HEADERS), stream=chunks,
+                         exchange=exchange)  # fmt: skip
+        assert answer.body is not None
+        exchange.usage = Usage.from_openai(answer.body.get("usage"))
+        if exchange.usage is None or (exchange.usage.total_tokens == 0 and endpoint != EMBEDDINGS):
+            self._estimate(exchange, body, answer.body)
+        self.finish(exchange, deployment)
+        payload = json.dumps(answer.body).encode()
+        return Reply(200, self._headers(exchange, JSON_HEADERS), payload, exchange=exchange)
+
+    async def _relay(self, opened: _OpenStream, exchange: Exchange, body: dict[str, Any],
+                     include_usage: bool, deployment: Deployment) -> AsyncIterator[bytes]:  # fmt: skip
+        """Translate upstream bytes into the client's SSE stream, chunk by chunk."""
+        assembler = ChunkAssembler()
+        resp, translator = opened.response, opened.translator
+
+        def render(chunks: list[dict[str, Any]]) -> bytes:
+            out = []
+            for chunk in chunks:
+                assembler.add(chunk)
+                if chunk.get("usage") is not None and not include_usage:
+                    if not chunk.get("choices"):
+                        continue
+                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
+                out.append(encode(chunk))
+            return b"".join(out)
+
+        try:
+            first = render(opened.first)
+            exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
+            yield first
+            while True:
+                data = await asyncio.wait_for(resp.content.readany(), opened.read_timeout)
+                if not data:
+                    break
+                if out := render(translator.feed(data)):
+                    yield out
+            if out := render(translator.finish()):
+                yield out
+            if not (translator.done or assembler.finished):
+                raise ProxyError(502, f"{deployment.litellm_model} ended the stream early",
+                                 "server_error", code="upstream_stream_truncated")  # fmt: skip
+            yield DONE
+        except ProxyError as e:
+            exchange.error_type = e.code or e.type
+            exchange.status_code = e.status
+            yield encode_error(e.message, etype=e.type, code=e.code)
+        except TimeoutError:
+            exchange.error_type, exchange.status_code = "upstream_stream_stalled", 504
+            yield encode_error(f"{deployment.litellm_model} stalled mid-stream",
+                               code="upstream_stream_stalled")  # fmt: skip
+        except aiohttp.ClientError as e:
+            exchange.error_type, exchange.status_code = "upstream_stream_broken", 502
+            yield encode_error(f"{deployment.litellm_model} broke the stream: {e}",
+                               code="upstream_stream_broken")  # fmt: skip
+        except (GeneratorExit, asyncio.CancelledError):
+            exchange.error_type = "client_disconnected"
+            raise
+        finally:
+            resp.close()
+            exchange.usage = assembler.usage
+            if exchange.usage is None or exchange.usage.total_tokens == 0:
+                self._estimate(exchange, body, assembler.completion())
+            self.finish(exchange, deployment)
+
+    def _estimate(self, exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        if self.estimator is not None:
+            self.estimator(exchange, body, json.dumps(answer.get("choices") or ""))
+
+    def _models(self) -> Reply:
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created, "owned_by": "mitmroute"}
+                for name in [*self.groups, *self.config.router.model_group_alias]]  # fmt: skip
+        body = json.dumps({"object": "list", "data": data}).encode()
+        return Reply(200, dict(JSON_HEADERS), body)
+
+    def finish(self, exchange: Exchange, deployment: Deployment | None = None) -> None:
+        """Close the books on an exchange and hand it to every listener."""
+        exchange.ended_at = now_utc()
+        exchange.latency_ms = (time.perf_counter() - exchange.clock_start) * 1000
+        if self.pricer is not None and exchange.usage is not None:
+            self.pricer(exchange, deployment)
+        for listener in self.listeners:
+            try:
+                listener(exchange)
+            except Exception:
+                log.exception("exchange listener failed")

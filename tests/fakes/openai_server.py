@@ -1,0 +1,288 @@
+"""A fake LLM backend speaking OpenAI's wire protocol (/v1/...) and Ollama's (/api/...).
+
+Behaviour is chosen by the model name the proxy sends, so one fake serves every deployment:
+
+  <anything>          answers normally: "echo: <last user text>"
+  fail-<status>       answers <status> with an OpenAI-shaped error (fail-500, fail-429, ...)
+  ratelimit-<secs>    429 with `Retry-After: <secs>`
+  context             400 context_length_exceeded
+  policy              400 content_policy_violation
+  reset               drops the connection without answering
+  hang                never answers (sleeps 60 s)
+  slow-<ms>           streams one word every <ms> milliseconds (non-streamed: waits)
+  break               streams two chunks, then drops the connection
+  no-usage            answers without usage (streamed and not)
+  flaky-<n>           fails with 503 for the first <n> requests, then answers
+
+Token counts are deterministic: prompt_tokens = words in all messages, completion_tokens =
+words in the answer. `GET /_stats` returns {"requests": [...bodies...], "usage": totals}.
+Run: `python tests/fakes/openai_server.py --port N`, or `FakeBackend().start()` in a thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+class Behaviour:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.flaky: dict[str, int] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def record(self, request: web.Request, body: dict[str, Any]) -> None:
+        self.requests.append(body)
+        self.headers.append({k.lower(): v for k, v in request.headers.items()})
+
+    def usage(self, prompt: int, completion: int) -> dict[str, int]:
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}  # fmt: skip
+
+
+async def _fault(model: str, state: Behaviour, request: web.Request) -> web.StreamResponse | None:
+    """The error answer a model name asks for, or None to answer normally."""
+    if model.startswith("fail-"):
+        status = int(model.split("-", 1)[1])
+        return web.json_response({"error": {"message": f"fake failure {status}",
+                                            "type": "server_error", "code": None}},
+                                 status=status)  # fmt: skip
+    if model.startswith("ratelimit-"):
+        return web.json_response(
+            {"error": {"message": "Rate limit reached", "type": "requests",
+                       "code": "rate_limit_exceeded"}},
+            status=429, headers={"retry-after": model.split("-", 1)[1]})  # fmt: skip
+    if model == "context":
+        return web.json_response({"error": {
+            "message": "This model's maximum context length is 10 tokens.",
+            "type": "invalid_request_error", "code": "context_length_exceeded",
+            "param": "messages"}}, status=400)  # fmt: skip
+    if model == "policy":
+        return web.json_response({"error": {"message": "rejected by content policy",
+                                            "type": "invalid_request_error",
+                                            "code": "content_policy_violation"}},
+                                 status=400)  # fmt: skip
+    if model == "reset":
+        assert request.transport is not None
+        request.transport.abort()
+        raise asyncio.CancelledError
+    if model == "hang":
+        await asyncio.sleep(60)
+    if model.startswith("flaky-"):
+        left = state.flaky.setdefault(model, int(model.split("-", 1)[1]))
+        if left > 0:
+            state.flaky[model] = left - 1
+            return web.json_response({"error": {"message": "flaky", "type": "server_error"}},
+                                     status=503)  # fmt: skip
+    return None
+
+
+def _answer_words(body: dict[str, Any]) -> tuple[list[str], int]:
+    messages = body.get("messages")
+    if messages is None:
+        prompt = body.get("prompt", "")
+        text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+        return ["echo:", *text.split()], _words(text)
+    prompt_words = sum(_words(_text_of(m.get("content"))) for m in messages)
+    last = next((_text_of(m.get("content")) for m in reversed(messages)
+                 if m.get("role") == "user"), "")  # fmt: skip
+    return ["echo:", *last.split()], prompt_words
+
+
+def make_app(state: Behaviour) -> web.Application:
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        state.record(request, body)
+        model = body.get("model", "")
+        if (fault := await _fault(model, state, request)) is not None:
+            return fault
+        words, prompt_tokens = _answer_words(body)
+        is_chat = request.path.endswith("chat/completions")
+        cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+        created = int(time.time())
+        delay = int(model.split("-", 1)[1]) / 1000 if model.startswith("slow-") else 0.0
+        if not body.get("stream"):
+            await asyncio.sleep(delay * len(words))
+            text = " ".join(words)
+            choice: dict[str, Any] = (
+                {"index": 0, "message": {"role": "assistant", "content": text},
+                 "finish_reason": "stop", "logprobs": None} if is_chat else
+                {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})  # fmt: skip
+            out: dict[str, Any] = {"id": cid, "object": "chat.completion" if is_chat
+                                   else "text_completion", "created": created, "model": model,
+                                   "choices": [choice]}  # fmt: skip
+            if model != "no-usage":
+                out["usage"] = state.usage(prompt_tokens, len(words))
+            return web.json_response(out)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        kind = "chat.completion.chunk" if is_chat else "text_completion"
+
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            chunk = {"id": cid, "object": kind, "created": created, "model": model,
+                     "choices": choices, **extra}  # fmt: skip
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        def piece(text: str, finish: str | None = None) -> dict[str, Any]:
+            if is_chat:
+                return {"index": 0, "delta": {"content": text} if text else {},
+                        "finish_reason": finish}  # fmt: skip
+            return {"index": 0, "text": text, "finish_reason": finish}
+
+        if is_chat:
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": None}])  # fmt: skip
+        for i, word in enumerate(words):
+            if delay:
+                await asyncio.sleep(delay)
+            await send([piece(word if i == 0 else " " + word)])
+            if model == "break" and i == 1:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+        await send([piece("", "stop")])
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
+        if include_usage and model != "no-usage":
+            await send([], usage=state.usage(prompt_tokens, len(words)))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await request.json()
+        state.record(request, body)
+        if (fault := await _fault(body.get("model", ""), state, request)) is not None:
+            return fault
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                for i, _ in enumerate(inputs)]  # fmt: skip
+        tokens = sum(_words(str(x)) for x in inputs)
+        usage = state.usage(tokens, 0)
+        return web.json_response({"object": "list", "data": data, "model": body["model"],
+                                  "usage": {"prompt_tokens": tokens,
+                                            "total_tokens": usage["total_tokens"]}})  # fmt: skip
+
+    async def ollama_chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        state.record(request, body)
+        model = body.get("model", "")
+        if model.startswith("fail-"):
+            return web.json_response({"error": "fake failure"}, status=int(model[5:]))
+        if "stream" not in body:
+            return web.json_response({"error": "test fake wants `stream` explicit"}, status=400)
+        words, prompt_tokens = _answer_words(body)
+        final = {"model": model, "created_at": "2026-11-24T00:00:00Z", "done": True,
+                 "done_reason": "stop", "prompt_eval_count": prompt_tokens,
+                 "eval_count": len(words)}  # fmt: skip
+        state.usage(prompt_tokens, len(words))
+        is_chat = request.path == "/api/chat"
+        if not body["stream"]:
+            text = " ".join(words)
+            payload = ({"message": {"role": "assistant", "content": text}} if is_chat
+                       else {"response": text})  # fmt: skip
+            return web.json_response({**final, **payload})
+        resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
+        await resp.prepare(request)
+        for i, word in enumerate(words):
+            text = word if i == 0 else " " + word
+            payload = ({"message": {"role": "assistant", "content": text}} if is_chat
+                       else {"response": text})  # fmt: skip
+            await resp.write(json.dumps({"model": model, "done": False, **payload}).encode()
+                             + b"\n")  # fmt: skip
+        end = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
+        await resp.write(json.dumps({**final, **end}).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def ollama_embed(request: web.Request) -> web.Response:
+        body = await request.json()
+        state.record(request, body)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        tokens = sum(_words(str(x)) for x in inputs)
+        state.usage(tokens, 0)
+        return web.json_response({"model": body["model"], "prompt_eval_count": tokens,
+                                  "embeddings": [[0.5, 0.5] for _ in inputs]})  # fmt: skip
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"requests": state.requests, "headers": state.headers,
+                                  "prompt_tokens": state.prompt_tokens,
+                                  "completion_tokens": state.completion_tokens})  # fmt: skip
+
+    async def reset(request: web.Request) -> web.Response:
+        state.__init__()  # type: ignore[misc]
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", chat)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/api/chat", ollama_chat)
+    app.router.add_post("/api/generate", ollama_chat)
+    app.router.add_post("/api/embed", ollama_embed)
+    app.router.add_get("/_stats", stats)
+    app.router.add_post("/_reset", reset)
+    return app
+
+
+class FakeBackend:
+    """The fake in a background thread of the test process."""
+
+    def __init__(self) -> None:
+        self.state = Behaviour()
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> str:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(make_app(self.state), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    web.run_app(make_app(Behaviour()), host="127.0.0.1", port=args.port, access_log=None,
+                print=lambda *_: None)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
