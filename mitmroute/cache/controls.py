@@ -113,7 +113,7 @@ def _body_options(raw: Any) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise bad_request(
-            f"cache: expected an object like {{\"no-cache\": true}}, got {type(raw).__name__}",
+            f'cache: expected an object like {{"no-cache": true}}, got {type(raw).__name__}',
             param="cache",
         )
     out: dict[str, Any] = {}

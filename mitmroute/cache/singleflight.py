@@ -31,14 +31,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Generic, TypeVar
-
-T = TypeVar("T")
 
 DEFAULT_DEADLINE = 120.0
 
 
-class _Call(Generic[T]):
+class _Call[T]:
     __slots__ = ("deadline", "future")
 
     def __init__(self, future: asyncio.Future[T | None], deadline: float) -> None:
@@ -50,7 +47,7 @@ class _Call(Generic[T]):
             self.future.set_result(value)
 
 
-class Flight(Generic[T]):
+class Flight[T]:
     """One request's place in a flight: the leader, or a follower with (maybe) a result."""
 
     __slots__ = ("_call", "_owner", "key", "leader", "result")
@@ -83,7 +80,7 @@ class Flight(Generic[T]):
             self._owner._forget(self.key, call)
 
 
-class SingleFlight(Generic[T]):
+class SingleFlight[T]:
     """The in-process flight table, keyed by cache key."""
 
     def __init__(

@@ -75,17 +75,36 @@ ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 529: "overloa
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # Client keys that never go upstream.
 IGNORED = frozenset({"model", "metadata", "cache", "store", "stream_options"})
-HANDLED = frozenset({
-    "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-    "thinking", "stop", "stream", "tools", "functions", "tool_choice", "function_call",
-    "parallel_tool_calls", "user", "response_format",
-})  # fmt: skip
+HANDLED = frozenset(
+    {
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "thinking",
+        "stop",
+        "stream",
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "parallel_tool_calls",
+        "user",
+        "response_format",
+    }
+)
 # OpenAI parameters Anthropic can't honour, with the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
     "seed": (None,),
-}  # fmt: skip
+}
 
 Block = dict[str, Any]
 
@@ -124,8 +143,10 @@ def to_anthropic(body: dict[str, Any], model: str, *, drop_params: bool) -> dict
     unsupported = unsupported_params(body)
     if unsupported and not drop_params:
         name = unsupported[0]
-        raise bad_request(f"anthropic does not support the parameter `{name}` "
-                          "(set drop_params: true to drop it)", param=name)  # fmt: skip
+        raise bad_request(
+            f"anthropic does not support the parameter `{name}` (set drop_params: true to drop it)",
+            param=name,
+        )
     system, messages = convert_messages(body.get("messages"))
     out: dict[str, Any] = {"model": model, "max_tokens": _max_tokens(body, model)}
     if system:
@@ -142,12 +163,8 @@ def to_anthropic(body: dict[str, Any], model: str, *, drop_params: bool) -> dict
         out["tools"] = tools
         if (choice := convert_tool_choice(body)) is not None:
             out["tool_choice"] = choice
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema" and "response_format" not in (
-        unsupported
-    ):
-        schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
-        out["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+    if "response_format" not in unsupported and (fmt := _output_format(body)) is not None:
+        out["output_config"] = {"format": fmt}
     if isinstance(body.get("user"), str) and body["user"]:
         out["metadata"] = {"user_id": body["user"]}
     if body.get("stream"):
@@ -165,6 +182,15 @@ def _max_tokens(body: dict[str, Any], model: str) -> int:
     return default_max_tokens(model)
 
 
+def _output_format(body: dict[str, Any]) -> Block | None:
+    """`response_format` json_schema as a structured-outputs format."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return None
+    schema = (fmt.get("json_schema") or {}).get("schema") or {"type": "object"}
+    return {"type": "json_schema", "schema": schema}
+
+
 def _stop_sequences(stop: Any) -> list[str]:
     items = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
@@ -177,7 +203,7 @@ def convert_tools(body: dict[str, Any]) -> list[Block]:
     out = []
     for i, tool in enumerate(body.get("tools") or []):
         fn = tool.get("function") if isinstance(tool, dict) else None
-        if tool.get("type", "function") != "function" or not isinstance(fn, dict):
+        if not isinstance(fn, dict) or tool.get("type", "function") != "function":
             raise bad_request("anthropic supports only function tools", param=f"tools[{i}]")
         out.append(_tool(fn, tool.get("cache_control") or fn.get("cache_control")))
     out.extend(_tool(fn, fn.get("cache_control")) for fn in body.get("functions") or [])
@@ -230,7 +256,7 @@ def convert_messages(messages: Any) -> tuple[str | list[Block], list[Block]]:
         elif role == "user":
             turns.append(("user", _cached(msg, _parts(msg.get("content"), where))))
         elif role == "assistant":
-            turns.append(("assistant", _cached(msg, _assistant(msg, where, pending_fn))))
+            turns.append(("assistant", _cached(msg, _assistant(msg, i, pending_fn))))
         elif role in ("tool", "function"):
             call_id = msg.get("tool_call_id") or pending_fn.pop(str(msg.get("name")), None)
             if not isinstance(call_id, str):
@@ -250,7 +276,7 @@ def _cached(msg: dict[str, Any], blocks: list[Block]) -> list[Block]:
     return blocks
 
 
-def _parts(content: Any, where: str, allowed: frozenset[str] | set[str] | None = None) -> list[Block]:  # noqa: E501
+def _parts(content: Any, where: str, allowed: set[str] | None = None) -> list[Block]:
     """Content (a string or a list of parts) as Anthropic content blocks; empty text skipped."""
     if content is None:
         return []
@@ -262,8 +288,10 @@ def _parts(content: Any, where: str, allowed: frozenset[str] | set[str] | None =
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if allowed is not None and kind not in allowed:
-            raise bad_request(f"{where}.content[{j}]: {kind!r} parts are not allowed here",
-                              param=f"{where}.content")  # fmt: skip
+            raise bad_request(
+                f"{where}.content[{j}]: {kind!r} parts are not allowed here",
+                param=f"{where}.content",
+            )
         if kind in ("text", "refusal"):
             text = part.get(kind)
             block: Block | None = {"type": "text", "text": text} if text else None
@@ -272,8 +300,10 @@ def _parts(content: Any, where: str, allowed: frozenset[str] | set[str] | None =
         elif kind == "file":
             block = _document(part.get("file"), f"{where}.content[{j}]")
         else:
-            raise bad_request(f"{where}.content[{j}]: anthropic does not accept {kind!r} parts",
-                              param=f"{where}.content")  # fmt: skip
+            raise bad_request(
+                f"{where}.content[{j}]: anthropic does not accept {kind!r} parts",
+                param=f"{where}.content",
+            )
         if block is not None:
             if part.get("cache_control"):
                 block["cache_control"] = part["cache_control"]
@@ -305,16 +335,20 @@ def _image(image: Any, where: str) -> Block:
 def _document(file: Any, where: str) -> Block:
     data_url = file.get("file_data") if isinstance(file, dict) else None
     if not isinstance(data_url, str) or not data_url.startswith("data:"):
-        raise bad_request(f"{where}: only inline file_data (a PDF data URI) is supported",
-                          param=where)  # fmt: skip
+        raise bad_request(
+            f"{where}: only inline file_data (a PDF data URI) is supported", param=where
+        )
     media_type, data = _data_uri(data_url, where)
     if media_type != "application/pdf":
         raise bad_request(f"{where}: unsupported file type {media_type!r}", param=where)
-    return {"type": "document", "source": {"type": "base64", "media_type": media_type,
-                                           "data": data}}  # fmt: skip
+    return {
+        "type": "document",
+        "source": {"type": "base64", "media_type": media_type, "data": data},
+    }
 
 
-def _assistant(msg: dict[str, Any], where: str, pending_fn: dict[str, str]) -> list[Block]:
+def _assistant(msg: dict[str, Any], i: int, pending_fn: dict[str, str]) -> list[Block]:
+    where = f"messages[{i}]"
     blocks = _parts(msg.get("content"), where, allowed={"text", "refusal"})
     for j, call in enumerate(msg.get("tool_calls") or []):
         fn = call.get("function") if isinstance(call, dict) else None
@@ -322,7 +356,7 @@ def _assistant(msg: dict[str, Any], where: str, pending_fn: dict[str, str]) -> l
             raise bad_request(f"{where}.tool_calls[{j}] needs an id and a function", param=where)
         blocks.append(_tool_use(call["id"], fn, f"{where}.tool_calls[{j}].function.arguments"))
     if isinstance(fn := msg.get("function_call"), dict):
-        call_id = f"toolu_fc_{where[9:-1]}"
+        call_id = f"toolu_fc_{i}"
         pending_fn[str(fn.get("name"))] = call_id
         blocks.append(_tool_use(call_id, fn, f"{where}.function_call.arguments"))
     return blocks
@@ -357,14 +391,20 @@ def _alternate(turns: list[tuple[str, list[Block]]]) -> list[Block]:
         else:
             merged.append({"role": role, "content": list(blocks)})
     if not merged or merged[0]["role"] != "user":
-        merged.insert(0, {"role": "user", "content": [{"type": "text",
-                                                       "text": PLACEHOLDER_USER_TEXT}]})  # fmt: skip
+        merged.insert(
+            0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_USER_TEXT}]}
+        )
     for turn in merged:
         if turn["role"] == "user":
             turn["content"].sort(key=lambda b: b["type"] != "tool_result")  # stable
-    last = merged[-1]["content"][-1]
-    if merged[-1]["role"] == "assistant" and last["type"] == "text":
-        last["text"] = last["text"].rstrip()  # a final assistant turn may not end in whitespace
+    final = merged[-1]
+    if final["role"] == "assistant" and final["content"][-1]["type"] == "text":
+        # The API rejects a final (prefill) assistant turn that ends in whitespace.
+        final["content"][-1]["text"] = final["content"][-1]["text"].rstrip()
+        if not final["content"][-1]["text"]:
+            final["content"].pop()
+            if not final["content"]:
+                merged.pop()
     return merged
 
 
@@ -398,10 +438,21 @@ def to_openai(msg: dict[str, Any], created: int) -> dict[str, Any]:
         elif kind == "thinking":
             thinking.append(block.get("thinking") or "")
         elif kind == "tool_use":
-            calls.append({"id": block["id"], "type": "function", "function": {
-                "name": block["name"], "arguments": json.dumps(block.get("input") or {})}})  # fmt: skip
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None,
-                               "refusal": None}  # fmt: skip
+            calls.append(
+                {
+                    "id": block["id"],
+                    "type": "function",
+                    "function": {
+                        "name": block["name"],
+                        "arguments": json.dumps(block.get("input") or {}),
+                    },
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts else None,
+        "refusal": None,
+    }
     if calls:
         message["tool_calls"] = calls
     if thinking:
@@ -411,8 +462,14 @@ def to_openai(msg: dict[str, Any], created: int) -> dict[str, Any]:
         "object": "chat.completion",
         "created": created,
         "model": msg.get("model"),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": finish_reason(msg.get("stop_reason"))}],  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": finish_reason(msg.get("stop_reason")),
+            }
+        ],
         "usage": usage_to_openai(msg.get("usage") or {}),
     }
 
@@ -473,15 +530,23 @@ class AnthropicStream(StreamTranslator):
         return out
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                "model": self._model, "choices": [{"index": 0, "delta": delta,
-                "finish_reason": finish, "logprobs": None}]}  # fmt: skip
+        return {
+            "id": self._id,
+            "object": "chat.completion.chunk",
+            "created": self._created,
+            "model": self._model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
 
     def _event(self, event: Event) -> list[dict[str, Any]]:
         try:
             data = json.loads(event.data) if event.data else {}
         except ValueError:
-            raise _bad_upstream(f"anthropic sent invalid stream data: {event.data[:200]!r}") from None
+            raise _bad_upstream(
+                f"anthropic sent invalid stream data: {event.data[:200]!r}"
+            ) from None
+        if not isinstance(data, dict):
+            raise _bad_upstream(f"anthropic sent unexpected stream data: {event.data[:200]!r}")
         kind = data.get("type") or event.event
         if kind == "message_start":
             msg = data.get("message") or {}
@@ -499,9 +564,16 @@ class AnthropicStream(StreamTranslator):
             return [self._chunk({}, finish_reason(reason))] if reason else []
         if kind == "message_stop":
             self._done = True
-            return [{"id": self._id, "object": "chat.completion.chunk", "created": self._created,
-                     "model": self._model, "choices": [],
-                     "usage": usage_to_openai(self._usage)}]  # fmt: skip
+            return [
+                {
+                    "id": self._id,
+                    "object": "chat.completion.chunk",
+                    "created": self._created,
+                    "model": self._model,
+                    "choices": [],
+                    "usage": usage_to_openai(self._usage),
+                }
+            ]
         if kind == "error":
             etype = (data.get("error") or {}).get("type")
             raise self._on_error(ERROR_STATUS.get(etype, 500), data)
@@ -510,9 +582,20 @@ class AnthropicStream(StreamTranslator):
     def _block_start(self, index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
         if block.get("type") == "tool_use":
             self._tools[index] = len(self._tools)
-            return [self._chunk({"tool_calls": [{"index": self._tools[index], "id": block["id"],
-                    "type": "function", "function": {"name": block["name"],
-                    "arguments": ""}}]})]  # fmt: skip
+            return [
+                self._chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": self._tools[index],
+                                "id": block["id"],
+                                "type": "function",
+                                "function": {"name": block["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            ]
         if block.get("type") == "text" and block.get("text"):
             return [self._chunk({"content": block["text"]})]
         return []
@@ -522,8 +605,18 @@ class AnthropicStream(StreamTranslator):
         if kind == "text_delta" and delta.get("text"):
             return [self._chunk({"content": delta["text"]})]
         if kind == "input_json_delta" and delta.get("partial_json") and index in self._tools:
-            return [self._chunk({"tool_calls": [{"index": self._tools[index],
-                    "function": {"arguments": delta["partial_json"]}}]})]  # fmt: skip
+            return [
+                self._chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": self._tools[index],
+                                "function": {"arguments": delta["partial_json"]},
+                            }
+                        ]
+                    }
+                )
+            ]
         if kind == "thinking_delta" and delta.get("thinking"):
             return [self._chunk({"reasoning_content": delta["thinking"]})]
         return []
@@ -549,17 +642,20 @@ class AnthropicProvider(Provider):
         if deployment.api_key:
             headers["x-api-key"] = deployment.api_key
         headers.update(deployment.extra_headers)
-        return UpstreamCall("POST", messages_url(deployment.api_base), headers,
-                            json.dumps(payload).encode())  # fmt: skip
+        return UpstreamCall(
+            "POST", messages_url(deployment.api_base), headers, json.dumps(payload).encode()
+        )
 
     def parse(self, endpoint: str, raw: bytes, deployment: Deployment) -> dict[str, Any]:
         try:
             msg = json.loads(raw)
         except ValueError:
             raise _bad_upstream(f"anthropic sent invalid JSON: {raw[:200]!r}") from None
-        if not isinstance(msg, dict) or msg.get("type") == "error":
-            etype = ((msg or {}).get("error") or {}).get("type") if isinstance(msg, dict) else None
-            raise self.error(ERROR_STATUS.get(etype or "", 502), msg)
+        if isinstance(msg, dict) and msg.get("type") == "error":
+            err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
+            raise self.error(ERROR_STATUS.get(err.get("type"), 500), msg)
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
+            raise _bad_upstream(f"anthropic sent an unexpected body: {raw[:200]!r}")
         return to_openai(msg, int(time.time()))
 
     def stream(self, endpoint: str, deployment: Deployment) -> StreamTranslator:
@@ -572,5 +668,9 @@ class AnthropicProvider(Provider):
 
 def _check_endpoint(endpoint: str) -> None:
     if endpoint != CHAT:
-        raise ProxyError(404, f"anthropic deployments only serve /v1/{CHAT}",
-                         "invalid_request_error", code="unsupported_endpoint")  # fmt: skip
+        raise ProxyError(
+            404,
+            f"anthropic deployments only serve /v1/{CHAT}",
+            "invalid_request_error",
+            code="unsupported_endpoint",
+        )

@@ -1,0 +1,203 @@
+"""Foundation: an app that only knows api.openai.com is answered by the configured backends."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.conftest import deployment
+
+
+@pytest.fixture(scope="module")
+def routed(backend, confdir, tmp_path_factory):
+    """One proxy for the module: OpenAI-compatible, Ollama and an unrouted passthrough."""
+    from tests.conftest import Proxy
+
+    base = backend.url
+    config = {
+        "model_list": [
+            deployment("gpt-4o", "openai/ok-model", f"{base}/v1", api_key="sk-backend-secret"),
+            deployment("local-qwen", "ollama/qwen3:32b", base),
+            deployment("chat-qwen", "ollama_chat/qwen3:8b", base),
+            deployment("slow", "openai/slow-200", f"{base}/v1", api_key="sk-b"),
+            deployment("no-key", "openai/ok-model", f"{base}/v1"),
+            deployment("embed", "openai/text-embedding-3-small", f"{base}/v1", api_key="sk-b"),
+        ],
+        "router_settings": {"model_group_alias": {"gpt-4o-alias": "gpt-4o"}},
+        "general_settings": {"passthrough_unknown_models": False},
+    }
+    proxy = Proxy(config, confdir, tmp_path_factory.mktemp("routed"))
+    yield proxy
+    proxy.stop()
+
+
+def test_chat_completion_is_answered_by_the_configured_backend(routed, backend):
+    with routed.client() as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hello world"}])
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "echo: hello world"
+    assert completion.model == "ok-model"  # the model that answered
+    assert raw.headers["x-mitmroute-deployment"] == "openai/ok-model"
+    assert raw.headers["x-mitmroute-request-id"].startswith("mr-")
+    sent = backend.state.requests[-1]
+    assert sent["model"] == "ok-model"
+    # the deployment's key replaced the client's, which never went upstream
+    assert backend.state.headers[-1]["authorization"] == "Bearer sk-backend-secret"
+
+
+def test_client_key_is_forwarded_only_when_the_deployment_has_none(routed, backend):
+    with routed.client(api_key="sk-client-own") as client:
+        client.chat.completions.create(model="no-key",
+                                       messages=[{"role": "user", "content": "x"}])  # fmt: skip
+    assert backend.state.headers[-1]["authorization"] == "Bearer sk-client-own"
+
+
+def test_async_client_and_model_group_alias(routed):
+    import asyncio
+
+    async def run():
+        async with routed.async_client() as client:
+            return await asyncio.gather(*[
+                client.chat.completions.create(
+                    model="gpt-4o-alias", messages=[{"role": "user", "content": f"n {i}"}])
+                for i in range(5)])  # fmt: skip
+
+    results = asyncio.run(run())
+    assert sorted(r.choices[0].message.content for r in results) == [
+        f"echo: n {i}" for i in range(5)]
+
+
+def test_streamed_chat_arrives_incrementally(routed):
+    """A backend sending words 200 ms apart: the first chunk arrives long before the last."""
+    with routed.client() as client:
+        t0 = time.perf_counter()
+        stream = client.chat.completions.create(
+            model="slow", stream=True,
+            messages=[{"role": "user", "content": "one two three four five"}])
+        arrivals, text = [], ""
+        for chunk in stream:
+            arrivals.append(time.perf_counter() - t0)
+            if chunk.choices and chunk.choices[0].delta.content:
+                text += chunk.choices[0].delta.content
+    assert text == "echo: one two three four five"
+    assert arrivals[-1] - arrivals[0] > 0.8  # 6 words, 200 ms apart
+    assert arrivals[0] < 0.6
+
+
+def test_stream_usage_chunk_only_when_asked(routed):
+    with routed.client() as client:
+        plain = list(client.chat.completions.create(
+            model="gpt-4o", stream=True, messages=[{"role": "user", "content": "a b"}]))
+        asked = list(client.chat.completions.create(
+            model="gpt-4o", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "a b"}]))  # fmt: skip
+    assert all(c.usage is None for c in plain)
+    assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("group", ["local-qwen", "chat-qwen"])
+def test_ollama_native_api_becomes_openai(routed, backend, group):
+    with routed.client() as client:
+        done = client.chat.completions.create(
+            model=group, messages=[{"role": "user", "content": "hi ollama"}])
+        chunks = list(client.chat.completions.create(
+            model=group, stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "hi ollama"}]))  # fmt: skip
+    assert done.choices[0].message.content == "echo: hi ollama"
+    assert done.usage.prompt_tokens == 2 and done.usage.completion_tokens == 3
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: hi ollama"
+    assert chunks[-1].usage.total_tokens == 5
+    assert backend.state.requests[-1]["stream"] is True
+
+
+def test_legacy_completions_and_embeddings(routed):
+    with routed.client() as client:
+        text = client.completions.create(model="gpt-4o", prompt="say this")
+        vectors = client.embeddings.create(model="embed", input=["a b", "c"])
+        ollama_vectors = client.embeddings.create(model="local-qwen", input="x y z")
+    assert text.choices[0].text == "echo: say this"
+    assert len(vectors.data) == 2 and vectors.usage.prompt_tokens == 3
+    assert ollama_vectors.data[0].embedding == [0.5, 0.5]
+
+
+def test_models_lists_configured_groups(routed):
+    with routed.client() as client:
+        ids = {m.id for m in client.models.list()}
+    assert {"gpt-4o", "local-qwen", "gpt-4o-alias"} <= ids
+
+
+def test_unknown_model_is_404_when_passthrough_is_off(routed):
+    with routed.client() as client, pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert info.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b'["a list"]', None),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "model"),
+        (b'{"model": "gpt-4o", "messages": "hello"}', "messages"),
+        (b'{"model": "gpt-4o", "stream": "yes", "messages": [{"role": "user"}]}', "stream"),
+    ],
+)
+def test_bad_input_gets_an_openai_shaped_400(routed, body, param):
+    with routed.http() as http:
+        resp = http.post("https://api.openai.com/v1/chat/completions", content=body,
+                         headers={"content-type": "application/json"})  # fmt: skip
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert resp.headers["x-mitmroute-request-id"]
+
+
+def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy):
+    dead = f"http://127.0.0.1:{_closed_port()}/v1"
+    proxy = start_proxy({"model_list": [deployment("gpt-4o", "openai/x", dead, api_key="k")],
+                         "router_settings": {"num_retries": 0}})  # fmt: skip
+    with proxy.client() as client, pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 503
+    assert "unreachable" in info.value.message
+
+
+def test_curl_through_the_proxy(routed):
+    out = subprocess.run(
+        ["curl", "-s", "--proxy", routed.url, "--cacert", routed.ca_bundle,
+         "https://api.openai.com/v1/chat/completions", "-H", "content-type: application/json",
+         "-d", json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "curl"}]})],
+        capture_output=True, check=True, timeout=30)  # fmt: skip
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "echo: curl"
+
+
+def test_other_hosts_pass_through_untouched(routed, backend):
+    """A host outside intercept_hosts goes where it was going, unrouted."""
+    with httpx.Client(proxy=routed.url, timeout=10) as http:
+        resp = http.get(f"{backend.url}/_stats")
+    assert resp.status_code == 200 and "requests" in resp.json()
+    assert "x-mitmroute-request-id" not in resp.headers
+
+
+def test_terminal_shows_one_line_per_exchange(routed):
+    with routed.client() as client:
+        client.chat.completions.create(model="gpt-4o",
+                                       messages=[{"role": "user", "content": "log me"}])  # fmt: skip
+    time.sleep(0.2)
+    lines = [line for line in routed.logs().splitlines() if "gpt-4o -> openai/ok-model 200" in line]
+    assert lines
+    assert "sk-backend-secret" not in routed.logs()
+
+
+def _closed_port() -> int:
+    from tests.conftest import free_port
+
+    return free_port()
