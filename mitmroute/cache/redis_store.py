@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 
 from mitmroute.config import CacheSettings
 
@@ -105,6 +106,9 @@ class RedisStore:
             "socket_timeout": probe_timeout,
             "retry": Retry(NoBackoff(), 0),
             "max_connections": 256,
+            # Plain Redis has no maintenance push notifications; asking costs a round trip on
+            # every (re)connect.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         if settings.url:
             pool = aioredis.ConnectionPool.from_url(settings.url, **common)
@@ -165,7 +169,7 @@ class RedisStore:
             log.debug("cache: redis call failed (%s)", reason)
             return
         log.warning(
-            "cache: redis unavailable at %s (%s); bypassing the cache, probing every %.0f s",
+            "cache: redis unavailable at %s (%s); bypassing the cache, probing every %g s",
             self.label, reason, self.probe_interval,
         )  # fmt: skip
         if self._probe is None or self._probe.done():

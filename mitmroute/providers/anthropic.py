@@ -3,20 +3,19 @@
 Requests go to `POST {api_base}/v1/messages` with `anthropic-version: 2023-06-01` (API version
 2026-10-21 rejects `temperature`/`top_p`, which OpenAI clients send routinely).
 
-Translation choices, beyond the obvious field renames:
+Translation choices beyond plain renames:
 
-- system and developer messages (wherever they appear) become `system`, in order; a string,
-  or a list of text blocks when any carries `cache_control`.
-- consecutive same-role turns are merged, `tool` results are folded into user turns (tool
-  results first), and a "." user turn is prepended when the conversation does not start with
-  the user (the API demands it).
-- `response_format` `json_schema` -> `output_config.format` (structured outputs); `text` is the
-  default and ignored; `json_object` has no equivalent and counts as unsupported.
-- `top_k` and `thinking` (Anthropic-native) pass through; `metadata`, `cache`, `store`,
+- system and developer messages (wherever they appear) become `system`, in order: a string, or
+  a list of text blocks when any carries `cache_control`.
+- same-role turns are merged, `tool` results are folded into user turns (results first), and a
+  "." user turn is prepended when the conversation does not start with the user.
+- `response_format` json_schema -> `output_config.format` (structured outputs); `text` is
+  ignored; `json_object` has no equivalent and counts as unsupported.
+- `top_k` and `thinking` (Anthropic's own) pass through; `metadata`, `cache`, `store` and
   `stream_options` never go upstream (Anthropic always streams usage).
 - `n` > 1, `logprobs`, `top_logprobs`, `logit_bias`, non-zero `presence_penalty` /
-  `frequency_penalty`, `seed`, `json_object`, `reasoning_effort` and every other unknown key are
-  unsupported: dropped under `drop_params`, else a 400 naming the parameter.
+  `frequency_penalty`, `seed`, `reasoning_effort` and any other unknown key are unsupported:
+  dropped under `drop_params`, else a 400 naming the parameter.
 - thinking blocks become `message.reasoning_content` / `delta.reasoning_content`.
 """
 
@@ -36,77 +35,41 @@ from mitmroute.streaming.sse import Event, SSEParser
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
-# Default `max_tokens` when the client sends none: the model's documented output limit.
-# The longest matching prefix of the model name wins (dated ids like claude-opus-4-20250514).
+# `max_tokens` sent when the client gives none: the model's documented output limit. The
+# longest prefix of the model name wins, so dated ids (claude-opus-4-20250514) match too.
 MAX_TOKENS_BY_MODEL: dict[str, int] = {
-    "claude-3-haiku": 4096,
-    "claude-3-opus": 4096,
-    "claude-3-5-haiku": 8192,
-    "claude-3-5-sonnet": 8192,
-    "claude-3-7-sonnet": 64000,
-    "claude-sonnet-4": 64000,
-    "claude-opus-4": 32000,
-    "claude-opus-4-5": 64000,
-    "claude-haiku-4-5": 64000,
-}
+    "claude-3-haiku": 4096, "claude-3-opus": 4096, "claude-3-5-haiku": 8192,
+    "claude-3-5-sonnet": 8192, "claude-3-7-sonnet": 64000, "claude-sonnet-4": 64000,
+    "claude-opus-4": 32000, "claude-opus-4-5": 64000, "claude-haiku-4-5": 64000,
+}  # fmt: skip
 PLACEHOLDER_USER_TEXT = "."
 STOP_REASONS = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+    "model_context_window_exceeded": "length", "tool_use": "tool_calls",
     "refusal": "content_filter",
-}
+}  # fmt: skip
 ERROR_STATUS = {
-    "invalid_request_error": 400,
-    "authentication_error": 401,
-    "billing_error": 402,
-    "permission_error": 403,
-    "not_found_error": 404,
-    "request_too_large": 413,
-    "rate_limit_error": 429,
-    "api_error": 500,
-    "timeout_error": 504,
-    "overloaded_error": 529,
-}
+    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+    "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529,
+}  # fmt: skip
 ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded", 529: "overloaded"}
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
-# Client keys that never go upstream.
 IGNORED = frozenset({"model", "metadata", "cache", "store", "stream_options"})
-HANDLED = frozenset(
-    {
-        "messages",
-        "max_tokens",
-        "max_completion_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "thinking",
-        "stop",
-        "stream",
-        "tools",
-        "functions",
-        "tool_choice",
-        "function_call",
-        "parallel_tool_calls",
-        "user",
-        "response_format",
-    }
-)
+HANDLED = frozenset({
+    "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+    "thinking", "stop", "stream", "tools", "functions", "tool_choice", "function_call",
+    "parallel_tool_calls", "user", "response_format",
+})  # fmt: skip
 # OpenAI parameters Anthropic can't honour, with the values that ask for nothing.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (None, 1),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
+    "n": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "seed": (None,),
-}
+}  # fmt: skip
 
 Block = dict[str, Any]
+Chunk = dict[str, Any]
 
 
 # --- request ----------------------------------------------------------------------------------
@@ -142,10 +105,10 @@ def to_anthropic(body: dict[str, Any], model: str, *, drop_params: bool) -> dict
     """The Messages API request for an OpenAI chat body."""
     unsupported = unsupported_params(body)
     if unsupported and not drop_params:
-        name = unsupported[0]
         raise bad_request(
-            f"anthropic does not support the parameter `{name}` (set drop_params: true to drop it)",
-            param=name,
+            f"anthropic does not support the parameter `{unsupported[0]}` "
+            "(set drop_params: true to drop it)",
+            param=unsupported[0],
         )
     system, messages = convert_messages(body.get("messages"))
     out: dict[str, Any] = {"model": model, "max_tokens": _max_tokens(body, model)}
@@ -154,9 +117,7 @@ def to_anthropic(body: dict[str, Any], model: str, *, drop_params: bool) -> dict
     out["messages"] = messages
     if body.get("temperature") is not None:
         out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
-    for key in ("top_p", "top_k", "thinking"):
-        if body.get(key) is not None:
-            out[key] = body[key]
+    out.update({k: body[k] for k in ("top_p", "top_k", "thinking") if body.get(k) is not None})
     if stop := _stop_sequences(body.get("stop")):
         out["stop_sequences"] = stop
     if tools := convert_tools(body):
@@ -183,7 +144,6 @@ def _max_tokens(body: dict[str, Any], model: str) -> int:
 
 
 def _output_format(body: dict[str, Any]) -> Block | None:
-    """`response_format` json_schema as a structured-outputs format."""
     fmt = body.get("response_format")
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
         return None
@@ -195,11 +155,11 @@ def _stop_sequences(stop: Any) -> list[str]:
     items = [stop] if isinstance(stop, str) else stop or []
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise bad_request("`stop` must be a string or a list of strings", param="stop")
-    return [s for s in items if s.strip()]  # whitespace-only sequences are rejected upstream
+    return [s for s in items if s.strip()]  # the API rejects whitespace-only sequences
 
 
 def convert_tools(body: dict[str, Any]) -> list[Block]:
-    """`tools` (function tools) and legacy `functions` as Anthropic tools."""
+    """`tools` (function tools only) and legacy `functions` as Anthropic tools."""
     out = []
     for i, tool in enumerate(body.get("tools") or []):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -225,13 +185,14 @@ def _tool(fn: dict[str, Any], cache_control: Any) -> Block:
 def convert_tool_choice(body: dict[str, Any]) -> Block | None:
     """`tool_choice` / `function_call` and `parallel_tool_calls: false` as Anthropic's."""
     choice = body.get("tool_choice", body.get("function_call"))
+    named = (choice.get("function") or choice) if isinstance(choice, dict) else {}
     out: Block | None
     if choice is None:
         out = None
     elif choice in ("auto", "required", "none"):
         out = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
-    elif isinstance(choice, dict) and (choice.get("function") or choice).get("name"):
-        out = {"type": "tool", "name": (choice.get("function") or choice)["name"]}
+    elif isinstance(named, dict) and isinstance(named.get("name"), str):
+        out = {"type": "tool", "name": named["name"]}
     else:
         raise bad_request(f"unsupported tool_choice {choice!r}", param="tool_choice")
     if body.get("parallel_tool_calls") is False:
@@ -242,7 +203,7 @@ def convert_tool_choice(body: dict[str, Any]) -> Block | None:
 
 
 def convert_messages(messages: Any) -> tuple[str | list[Block], list[Block]]:
-    """OpenAI `messages` as Anthropic's (`system`, alternating `messages`)."""
+    """OpenAI `messages` as Anthropic's `system` and alternating `messages`."""
     if not isinstance(messages, list) or not messages:
         raise bad_request("`messages` must be a non-empty list", param="messages")
     system: list[Block] = []
@@ -252,7 +213,7 @@ def convert_messages(messages: Any) -> tuple[str | list[Block], list[Block]]:
         where = f"messages[{i}]"
         role = msg.get("role") if isinstance(msg, dict) else None
         if role in ("system", "developer"):
-            system.extend(_cached(msg, _parts(msg.get("content"), where, allowed={"text"})))
+            system.extend(_cached(msg, _parts(msg.get("content"), where, {"text"})))
         elif role == "user":
             turns.append(("user", _cached(msg, _parts(msg.get("content"), where))))
         elif role == "assistant":
@@ -277,38 +238,30 @@ def _cached(msg: dict[str, Any], blocks: list[Block]) -> list[Block]:
 
 
 def _parts(content: Any, where: str, allowed: set[str] | None = None) -> list[Block]:
-    """Content (a string or a list of parts) as Anthropic content blocks; empty text skipped."""
-    if content is None:
+    """Content (a string or a list of parts) as content blocks; empty text is skipped."""
+    if content is None or content == "":
         return []
     if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}]
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or a list", param=f"{where}.content")
     out = []
     for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
-        if allowed is not None and kind not in allowed:
-            raise bad_request(
-                f"{where}.content[{j}]: {kind!r} parts are not allowed here",
-                param=f"{where}.content",
-            )
-        if kind in ("text", "refusal"):
-            text = part.get(kind)
-            block: Block | None = {"type": "text", "text": text} if text else None
-        elif kind == "image_url":
-            block = _image(part.get("image_url"), f"{where}.content[{j}]")
-        elif kind == "file":
-            block = _document(part.get("file"), f"{where}.content[{j}]")
-        else:
-            raise bad_request(
-                f"{where}.content[{j}]: anthropic does not accept {kind!r} parts",
-                param=f"{where}.content",
-            )
+        if (allowed is not None and kind not in allowed) or kind not in _PART_TYPES:
+            raise bad_request(f"{at}: {kind!r} parts are not supported here", param=at)
+        block = _PART_TYPES[kind](part, at)
         if block is not None:
             if part.get("cache_control"):
                 block["cache_control"] = part["cache_control"]
             out.append(block)
     return out
+
+
+def _text(part: dict[str, Any], where: str) -> Block | None:
+    text = part.get("text", part.get("refusal"))
+    return {"type": "text", "text": text} if text else None
 
 
 def _data_uri(url: str, where: str) -> tuple[str, str]:
@@ -318,13 +271,12 @@ def _data_uri(url: str, where: str) -> tuple[str, str]:
     return header[len("data:") : -len(";base64")].split(";")[0], data
 
 
-def _image(image: Any, where: str) -> Block:
+def _image(part: dict[str, Any], where: str) -> Block:
+    image = part.get("image_url")
     url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str):
-        raise bad_request(f"{where}: image_url.url is required", param=where)
-    if url.startswith(("http://", "https://")):
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    if not url.startswith("data:"):
+    if not isinstance(url, str) or not url.startswith("data:"):
         raise bad_request(f"{where}: image_url must be an http(s) URL or a data URI", param=where)
     media_type, data = _data_uri(url, where)
     if media_type not in IMAGE_TYPES:
@@ -332,32 +284,21 @@ def _image(image: Any, where: str) -> Block:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
 
 
-def _document(file: Any, where: str) -> Block:
-    data_url = file.get("file_data") if isinstance(file, dict) else None
-    if not isinstance(data_url, str) or not data_url.startswith("data:"):
-        raise bad_request(
-            f"{where}: only inline file_data (a PDF data URI) is supported", param=where
-        )
-    media_type, data = _data_uri(data_url, where)
-    if media_type != "application/pdf":
-        raise bad_request(f"{where}: unsupported file type {media_type!r}", param=where)
-    return {
-        "type": "document",
-        "source": {"type": "base64", "media_type": media_type, "data": data},
-    }
+_PART_TYPES: dict[Any, Callable[[dict[str, Any], str], Block | None]] = {
+    "text": _text, "refusal": _text, "image_url": _image,
+}  # fmt: skip
 
 
 def _assistant(msg: dict[str, Any], i: int, pending_fn: dict[str, str]) -> list[Block]:
     where = f"messages[{i}]"
-    blocks = _parts(msg.get("content"), where, allowed={"text", "refusal"})
+    blocks = _parts(msg.get("content"), where, {"text", "refusal"})
     for j, call in enumerate(msg.get("tool_calls") or []):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not call.get("id"):
             raise bad_request(f"{where}.tool_calls[{j}] needs an id and a function", param=where)
         blocks.append(_tool_use(call["id"], fn, f"{where}.tool_calls[{j}].function.arguments"))
     if isinstance(fn := msg.get("function_call"), dict):
-        call_id = f"toolu_fc_{i}"
-        pending_fn[str(fn.get("name"))] = call_id
+        pending_fn[str(fn.get("name"))] = call_id = f"toolu_fc_{i}"
         blocks.append(_tool_use(call_id, fn, f"{where}.function_call.arguments"))
     return blocks
 
@@ -376,7 +317,7 @@ def _tool_use(call_id: str, fn: dict[str, Any], where: str) -> Block:
 def _tool_result(call_id: str, msg: dict[str, Any], where: str) -> Block:
     content = msg.get("content")
     if not isinstance(content, str):
-        content = _parts(content, where, allowed={"text", "image_url"})
+        content = _parts(content, where, {"text", "image_url"})
     return {"type": "tool_result", "tool_use_id": call_id, "content": content}
 
 
@@ -384,26 +325,23 @@ def _alternate(turns: list[tuple[str, list[Block]]]) -> list[Block]:
     """Merge same-role turns, drop empty ones, start with the user, tool results first."""
     merged: list[Block] = []
     for role, blocks in turns:
-        if not blocks:
-            continue
-        if merged and merged[-1]["role"] == role:
+        if blocks and merged and merged[-1]["role"] == role:
             merged[-1]["content"].extend(blocks)
-        else:
+        elif blocks:
             merged.append({"role": role, "content": list(blocks)})
     if not merged or merged[0]["role"] != "user":
-        merged.insert(
-            0, {"role": "user", "content": [{"type": "text", "text": PLACEHOLDER_USER_TEXT}]}
-        )
+        placeholder = {"type": "text", "text": PLACEHOLDER_USER_TEXT}
+        merged.insert(0, {"role": "user", "content": [placeholder]})
     for turn in merged:
         if turn["role"] == "user":
             turn["content"].sort(key=lambda b: b["type"] != "tool_result")  # stable
-    final = merged[-1]
-    if final["role"] == "assistant" and final["content"][-1]["type"] == "text":
+    final = merged[-1]["content"]
+    if merged[-1]["role"] == "assistant" and final[-1]["type"] == "text":
         # The API rejects a final (prefill) assistant turn that ends in whitespace.
-        final["content"][-1]["text"] = final["content"][-1]["text"].rstrip()
-        if not final["content"][-1]["text"]:
-            final["content"].pop()
-            if not final["content"]:
+        final[-1] = {**final[-1], "text": final[-1]["text"].rstrip()}
+        if not final[-1]["text"]:
+            final.pop()
+            if not final:
                 merged.pop()
     return merged
 
@@ -417,7 +355,7 @@ def finish_reason(stop_reason: str | None) -> str:
 
 
 def usage_to_openai(usage: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI usage: prompt tokens include cache reads and writes."""
+    """OpenAI usage: prompt tokens include cache reads and cache writes."""
     created = int(usage.get("cache_creation_input_tokens") or 0)
     read = int(usage.get("cache_read_input_tokens") or 0)
     return Usage(
@@ -428,50 +366,29 @@ def usage_to_openai(usage: dict[str, Any]) -> dict[str, Any]:
     ).to_openai()
 
 
+def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
+    arguments = json.dumps(block.get("input") or {})
+    return {"id": block["id"], "type": "function",
+            "function": {"name": block["name"], "arguments": arguments}}  # fmt: skip
+
+
 def to_openai(msg: dict[str, Any], created: int) -> dict[str, Any]:
     """A `chat.completion` body for an Anthropic Message."""
-    texts, thinking, calls = [], [], []
-    for block in msg.get("content") or []:
-        kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text") or "")
-        elif kind == "thinking":
-            thinking.append(block.get("thinking") or "")
-        elif kind == "tool_use":
-            calls.append(
-                {
-                    "id": block["id"],
-                    "type": "function",
-                    "function": {
-                        "name": block["name"],
-                        "arguments": json.dumps(block.get("input") or {}),
-                    },
-                }
-            )
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(texts) if texts else None,
-        "refusal": None,
-    }
+    blocks = [b for b in msg.get("content") or [] if isinstance(b, dict)]
+    texts = [b.get("text") or "" for b in blocks if b.get("type") == "text"]
+    thinking = [b.get("thinking") or "" for b in blocks if b.get("type") == "thinking"]
+    calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    message: dict[str, Any] = {"role": "assistant", "refusal": None,
+                               "content": "".join(texts) if texts else None}  # fmt: skip
     if calls:
         message["tool_calls"] = calls
     if thinking:
         message["reasoning_content"] = "".join(thinking)
-    return {
-        "id": f"chatcmpl-{msg.get('id', '')}",
-        "object": "chat.completion",
-        "created": created,
-        "model": msg.get("model"),
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": finish_reason(msg.get("stop_reason")),
-            }
-        ],
-        "usage": usage_to_openai(msg.get("usage") or {}),
-    }
+    choice = {"index": 0, "message": message, "logprobs": None,
+              "finish_reason": finish_reason(msg.get("stop_reason"))}  # fmt: skip
+    return {"id": f"chatcmpl-{msg.get('id', '')}", "object": "chat.completion",
+            "created": created, "model": msg.get("model"), "choices": [choice],
+            "usage": usage_to_openai(msg.get("usage") or {})}  # fmt: skip
 
 
 def anthropic_error(status: int, payload: Any) -> ProxyError:
@@ -483,15 +400,16 @@ def anthropic_error(status: int, payload: Any) -> ProxyError:
     return replace(err, code=code)
 
 
-def _bad_upstream(message: str) -> ProxyError:
-    return ProxyError(502, message, "server_error", code="bad_upstream_response", retryable=True)
+def _bad_upstream(what: str, data: Any) -> ProxyError:
+    return ProxyError(502, f"anthropic sent {what}: {data[:200]!r}", "server_error",
+                      code="bad_upstream_response", retryable=True)  # fmt: skip
 
 
 class AnthropicStream(StreamTranslator):
     """Anthropic's SSE events as OpenAI `chat.completion.chunk` dicts.
 
-    An `error` event raises at once, or, if this feed already produced chunks, on the next
-    `feed`/`finish` call, so no chunk before the error is lost.
+    An `error` event raises at once, or, when the same `feed` already produced chunks, on the
+    next `feed`/`finish` call, so no chunk before the error is lost.
     """
 
     def __init__(self, on_error: Callable[[int, Any], ProxyError], model: str) -> None:
@@ -509,16 +427,16 @@ class AnthropicStream(StreamTranslator):
     def done(self) -> bool:
         return self._done
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
+    def feed(self, data: bytes) -> list[Chunk]:
         return self._handle(self._parser.feed(data))
 
-    def finish(self) -> list[dict[str, Any]]:
+    def finish(self) -> list[Chunk]:
         return self._handle(self._parser.finish())
 
-    def _handle(self, events: list[Event]) -> list[dict[str, Any]]:
+    def _handle(self, events: list[Event]) -> list[Chunk]:
         if self._error is not None:
             raise self._error
-        out: list[dict[str, Any]] = []
+        out: list[Chunk] = []
         for event in events:
             try:
                 out.extend(self._event(event))
@@ -529,24 +447,21 @@ class AnthropicStream(StreamTranslator):
                 break
         return out
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": self._id,
-            "object": "chat.completion.chunk",
-            "created": self._created,
-            "model": self._model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        }
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None) -> Chunk:
+        chunk = {"id": self._id, "object": "chat.completion.chunk", "created": self._created,
+                 "model": self._model, "choices": []}  # fmt: skip
+        if delta is not None:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            chunk["choices"].append(choice)
+        return chunk
 
-    def _event(self, event: Event) -> list[dict[str, Any]]:
+    def _event(self, event: Event) -> list[Chunk]:
         try:
             data = json.loads(event.data) if event.data else {}
         except ValueError:
-            raise _bad_upstream(
-                f"anthropic sent invalid stream data: {event.data[:200]!r}"
-            ) from None
+            raise _bad_upstream("invalid stream data", event.data) from None
         if not isinstance(data, dict):
-            raise _bad_upstream(f"anthropic sent unexpected stream data: {event.data[:200]!r}")
+            raise _bad_upstream("unexpected stream data", event.data)
         kind = data.get("type") or event.event
         if kind == "message_start":
             msg = data.get("message") or {}
@@ -564,59 +479,30 @@ class AnthropicStream(StreamTranslator):
             return [self._chunk({}, finish_reason(reason))] if reason else []
         if kind == "message_stop":
             self._done = True
-            return [
-                {
-                    "id": self._id,
-                    "object": "chat.completion.chunk",
-                    "created": self._created,
-                    "model": self._model,
-                    "choices": [],
-                    "usage": usage_to_openai(self._usage),
-                }
-            ]
+            return [{**self._chunk(None), "usage": usage_to_openai(self._usage)}]
         if kind == "error":
             etype = (data.get("error") or {}).get("type")
             raise self._on_error(ERROR_STATUS.get(etype, 500), data)
-        return []  # ping, content_block_stop, and events added later
+        return []  # ping, content_block_stop, and event types added later
 
-    def _block_start(self, index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
+    def _block_start(self, index: int, block: dict[str, Any]) -> list[Chunk]:
         if block.get("type") == "tool_use":
             self._tools[index] = len(self._tools)
-            return [
-                self._chunk(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": self._tools[index],
-                                "id": block["id"],
-                                "type": "function",
-                                "function": {"name": block["name"], "arguments": ""},
-                            }
-                        ]
-                    }
-                )
-            ]
+            fn = {"name": block["name"], "arguments": ""}
+            call = {"index": self._tools[index], "id": block["id"], "type": "function",
+                    "function": fn}  # fmt: skip
+            return [self._chunk({"tool_calls": [call]})]
         if block.get("type") == "text" and block.get("text"):
             return [self._chunk({"content": block["text"]})]
         return []
 
-    def _block_delta(self, index: int, delta: dict[str, Any]) -> list[dict[str, Any]]:
+    def _block_delta(self, index: int, delta: dict[str, Any]) -> list[Chunk]:
         kind = delta.get("type")
         if kind == "text_delta" and delta.get("text"):
             return [self._chunk({"content": delta["text"]})]
         if kind == "input_json_delta" and delta.get("partial_json") and index in self._tools:
-            return [
-                self._chunk(
-                    {
-                        "tool_calls": [
-                            {
-                                "index": self._tools[index],
-                                "function": {"arguments": delta["partial_json"]},
-                            }
-                        ]
-                    }
-                )
-            ]
+            call = {"index": self._tools[index], "function": {"arguments": delta["partial_json"]}}
+            return [self._chunk({"tool_calls": [call]})]
         if kind == "thinking_delta" and delta.get("thinking"):
             return [self._chunk({"reasoning_content": delta["thinking"]})]
         return []
@@ -624,7 +510,7 @@ class AnthropicStream(StreamTranslator):
     def _add_usage(self, usage: Any) -> None:
         for key, value in (usage or {}).items():
             if isinstance(value, int) and not isinstance(value, bool):
-                self._usage[key] = value
+                self._usage[key] = value  # message_delta counts are cumulative
 
 
 class AnthropicProvider(Provider):
@@ -636,41 +522,28 @@ class AnthropicProvider(Provider):
     def build(
         self, endpoint: str, body: dict[str, Any], deployment: Deployment, *, drop_params: bool
     ) -> UpstreamCall:
-        _check_endpoint(endpoint)
         payload = to_anthropic(body, deployment.model, drop_params=drop_params)
         headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
         if deployment.api_key:
             headers["x-api-key"] = deployment.api_key
         headers.update(deployment.extra_headers)
-        return UpstreamCall(
-            "POST", messages_url(deployment.api_base), headers, json.dumps(payload).encode()
-        )
+        url = messages_url(deployment.api_base)
+        return UpstreamCall("POST", url, headers, json.dumps(payload).encode())
 
     def parse(self, endpoint: str, raw: bytes, deployment: Deployment) -> dict[str, Any]:
         try:
             msg = json.loads(raw)
         except ValueError:
-            raise _bad_upstream(f"anthropic sent invalid JSON: {raw[:200]!r}") from None
+            raise _bad_upstream("invalid JSON", raw) from None
         if isinstance(msg, dict) and msg.get("type") == "error":
             err = msg.get("error") if isinstance(msg.get("error"), dict) else {}
             raise self.error(ERROR_STATUS.get(err.get("type"), 500), msg)
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
-            raise _bad_upstream(f"anthropic sent an unexpected body: {raw[:200]!r}")
+            raise _bad_upstream("an unexpected body", raw)
         return to_openai(msg, int(time.time()))
 
     def stream(self, endpoint: str, deployment: Deployment) -> StreamTranslator:
-        _check_endpoint(endpoint)
         return AnthropicStream(self.error, deployment.model)
 
     def error(self, status: int, payload: Any) -> ProxyError:
         return anthropic_error(status, payload)
-
-
-def _check_endpoint(endpoint: str) -> None:
-    if endpoint != CHAT:
-        raise ProxyError(
-            404,
-            f"anthropic deployments only serve /v1/{CHAT}",
-            "invalid_request_error",
-            code="unsupported_endpoint",
-        )

@@ -8,7 +8,7 @@ Behaviour is chosen by the model name the proxy sends, so one fake serves every 
   context             400 context_length_exceeded
   policy              400 content_policy_violation
   reset               drops the connection without answering
-  hang                never answers (sleeps 60 s)
+  hang                answers only after 20 s
   slow-<ms>           streams one word every <ms> milliseconds (non-streamed: waits)
   break               streams two chunks, then drops the connection
   no-usage            answers without usage (streamed and not)
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -90,7 +91,7 @@ async def _fault(model: str, state: Behaviour, request: web.Request) -> web.Stre
         request.transport.abort()
         raise asyncio.CancelledError
     if model == "hang":
-        await asyncio.sleep(60)
+        await asyncio.sleep(20)
     if model.startswith("flaky-"):
         left = state.flaky.setdefault(model, int(model.split("-", 1)[1]))
         if left > 0:
@@ -271,7 +272,9 @@ class FakeBackend:
 
     def stop(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+            cleanup = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            with contextlib.suppress(TimeoutError):  # a `hang` handler may still be sleeping
+                cleanup.result(3)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 

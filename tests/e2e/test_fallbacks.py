@@ -1,0 +1,149 @@
+"""Fallback ladders, retries and cooldowns: a failing backend is invisible to the app."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+import pytest
+
+from tests.conftest import deployment, free_port
+
+MSG = [{"role": "user", "content": "are you there"}]
+
+
+def ok(name: str, backend, model: str = "ok-model", **params):
+    return deployment(name, f"openai/{model}", f"{backend.url}/v1", api_key="sk-b", **params)
+
+
+def ask(proxy, model: str, **kwargs):
+    with proxy.client() as client:
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=MSG,
+                                                               **kwargs)  # fmt: skip
+        return raw.parse(), raw.headers
+
+
+@pytest.fixture(scope="module")
+def ladder(backend, confdir, tmp_path_factory):
+    from tests.conftest import Proxy
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    config = {
+        "model_list": [
+            ok("gpt-4o", backend, "fail-500"),
+            ok("claude-opus", backend, "reset"),
+            ok("local-qwen", backend, "qwen-answer"),
+            ok("limited", backend, "ratelimit-1"),
+            ok("limited-backup", backend, "backup-answer"),
+            ok("hangs", backend, "hang", timeout=0.5),
+            ok("big", backend, "context"),
+            ok("big-context", backend, "long-context-answer"),
+            ok("policy", backend, "policy"),
+            deployment("dead-1", "openai/a", dead, api_key="k"),
+            deployment("dead-2", "openai/b", dead, api_key="k"),
+            deployment("dead-3", "openai/c", dead, api_key="k"),
+            ok("flaky", backend, "flaky-2"),
+            ok("two-deployments", backend, "fail-503"),
+            ok("two-deployments", backend, "healthy-twin"),
+            ok("stream-primary", backend, "fail-502"),
+            ok("stream-backup", backend, "stream-backup-answer"),
+            ok("breaks", backend, "break"),
+        ],
+        "router_settings": {
+            "fallbacks": [
+                {"gpt-4o": ["claude-opus", "local-qwen"]},
+                {"limited": ["limited-backup"]},
+                {"hangs": ["local-qwen"]},
+                {"dead-1": ["dead-2", "dead-3"]},
+                {"stream-primary": ["stream-backup"]},
+            ],
+            "context_window_fallbacks": [{"big": ["big-context"]}],
+            "num_retries": 2,
+            "cooldown_time": 1,
+        },
+    }
+    proxy = Proxy(config, confdir, tmp_path_factory.mktemp("ladder"))
+    yield proxy
+    proxy.stop()
+
+
+def test_seed_ladder_falls_through_500_and_reset_to_the_healthy_group(ladder):
+    completion, headers = ask(ladder, "gpt-4o")
+    assert completion.choices[0].message.content == "echo: are you there"
+    assert completion.model == "qwen-answer"  # the model that answered, not the one asked
+    assert headers["x-mitmroute-deployment"] == "openai/qwen-answer"
+    assert headers["x-mitmroute-attempts"] == "3"
+
+
+def test_rate_limited_deployment_cools_for_its_retry_after(ladder):
+    _, first = ask(ladder, "limited")
+    assert first["x-mitmroute-deployment"] == "openai/backup-answer"
+    assert first["x-mitmroute-attempts"] == "2"
+    _, second = ask(ladder, "limited")  # primary is cooling: not even tried
+    assert second["x-mitmroute-attempts"] == "1"
+    time.sleep(1.2)  # Retry-After: 1 has passed
+    _, third = ask(ladder, "limited")
+    assert third["x-mitmroute-attempts"] == "2"
+
+
+def test_timeout_falls_back_within_the_deployment_timeout(ladder):
+    t0 = time.perf_counter()
+    _, headers = ask(ladder, "hangs")
+    elapsed = time.perf_counter() - t0
+    assert headers["x-mitmroute-deployment"] == "openai/qwen-answer"
+    assert 0.5 <= elapsed < 1.5
+
+
+def test_context_window_error_uses_context_window_fallbacks(ladder):
+    completion, headers = ask(ladder, "big")
+    assert completion.model == "long-context-answer"
+    assert headers["x-mitmroute-attempts"] == "2"
+
+
+def test_other_4xx_go_back_unchanged_without_fallback(ladder):
+    with ladder.client() as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="policy", messages=MSG)
+    assert info.value.code == "content_policy_violation"
+    assert info.value.response.headers["x-mitmroute-attempts"] == "1"
+
+
+def test_dead_ladder_of_three_says_what_was_tried(ladder):
+    t0 = time.perf_counter()
+    with ladder.client() as client, pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="dead-1", messages=MSG)
+    elapsed = time.perf_counter() - t0
+    assert info.value.status_code == 503
+    message = info.value.message
+    assert "openai/a" in message and "openai/b" in message and "openai/c" in message
+    assert elapsed < 1.0  # connect errors on three groups: no sleeping between groups
+
+
+def test_retries_with_backoff_on_the_last_group(ladder):
+    completion, headers = ask(ladder, "flaky")
+    assert completion.model == "flaky-2"
+    assert headers["x-mitmroute-attempts"] == "3"
+
+
+def test_other_deployment_of_the_group_takes_the_retry(ladder):
+    for _ in range(3):
+        completion, _headers = ask(ladder, "two-deployments")
+        assert completion.model == "healthy-twin"
+
+
+def test_stream_failing_before_first_byte_falls_back_transparently(ladder):
+    with ladder.client() as client:
+        chunks = list(client.chat.completions.create(model="stream-primary", messages=MSG,
+                                                     stream=True))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: are you there"
+    assert chunks[0].model == "stream-backup-answer"
+
+
+def test_stream_breaking_mid_way_raises_in_the_sdk(ladder):
+    with ladder.client() as client:
+        stream = client.chat.completions.create(model="breaks", messages=MSG, stream=True)
+        received = []
+        with pytest.raises(openai.APIError, match="broke the stream|ended the stream early"):
+            for chunk in stream:
+                received.append(chunk)
+    assert received  # some content arrived before the break: never a silent success
