@@ -3,6 +3,7 @@
 Assembles the addon chain. Order matters: each addon sees a request after the ones before it.
 """
 
+from mitmroute.addons.console import Console
 from mitmroute.addons.lazy_connect import LazyConnect
 from mitmroute.addons.router import Router
 from mitmroute.addons.shared import Shared
@@ -12,4 +13,5 @@ shared = Shared()
 addons = [
     LazyConnect(),
     Router(shared),
+    Console(shared),
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
 from mitmproxy import ctx, exceptions, http
 
@@ -86,7 +85,6 @@ class Router:
         engine = self.engine
         if engine is None or not engine.intercepts(flow.request.host):
             return
-        t0 = time.perf_counter()
         try:
             reply = await engine.handle(self._client_request(flow))
             if reply.passthrough:
@@ -98,11 +96,6 @@ class Router:
             flow.response = http.Response.make(err.status, err.to_bytes(),
                                                {"content-type": "application/json"})  # fmt: skip
             return
-        exchange = reply.exchange
-        if exchange is not None and reply.stream is None:
-            log.info("%s %s -> %s %d %.1fms", exchange.request_id[:11],
-                     exchange.requested_model, exchange.deployment or "-", reply.status,
-                     (time.perf_counter() - t0) * 1000)  # fmt: skip
 
     @staticmethod
     def _client_request(flow: http.HTTPFlow) -> ClientRequest:

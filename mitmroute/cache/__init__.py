@@ -91,17 +91,20 @@ class CachedAnswer:
     def age(self, now: float | None = None) -> float:
         return (time.time() if now is None else now) - self.stored_at
 
-    def to_json(self) -> bytes:
-        doc = {"v": 1, "b": self.body, "d": self.deployment, "g": self.model_group,
+    def to_json(self, key: str | None = None) -> bytes:
+        """Compact JSON; `key` is recorded so a reader can check it got the entry it asked for."""
+        doc = {"v": 1, "k": key, "b": self.body, "d": self.deployment, "g": self.model_group,
                "c": self.cost_usd, "t": self.stored_at}  # fmt: skip
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> CachedAnswer:
-        """Decode `to_json()` output, compressed or not."""
+    def from_bytes(cls, data: bytes, *, key: str | None = None) -> CachedAnswer:
+        """Decode `to_json()` output, compressed or not; ValueError if stored for another key."""
         if data[:1] != b"{":
             data = zlib.decompress(data)
         doc = json.loads(data)
+        if key is not None and doc.get("k") not in (None, key):
+            raise ValueError(f"entry belongs to {doc.get('k')!r}")
         return cls(doc["b"], doc["d"], doc["g"], doc.get("c"), float(doc["t"]))
 
     def copy(self) -> CachedAnswer:
@@ -164,7 +167,7 @@ class ResponseCache:
             self.stats.misses += 1
             return None
         try:
-            answer = CachedAnswer.from_bytes(data)
+            answer = CachedAnswer.from_bytes(data, key=key)
         except (ValueError, KeyError, TypeError, zlib.error) as exc:
             self.stats.corrupt += 1
             log.debug("cache: unreadable entry %s (%s)", key, exc)
@@ -177,7 +180,7 @@ class ResponseCache:
 
     async def put(self, key: str, answer: CachedAnswer, *, ttl: float | None = None) -> bool:
         """Store `answer` for `ttl` seconds (None: `settings.ttl`); False when not stored."""
-        data = answer.to_json()
+        data = answer.to_json(key)
         if len(data) > 32 * self.settings.max_item_bytes:  # hopeless even compressed
             self.stats.too_big += 1
             return False

@@ -12,7 +12,7 @@ A key is ``model``, ``provider/model`` (that provider only) or ``provider/*`` (e
 provider, e.g. ``ollama/*`` at 0). Models match ignoring a provider prefix, a trailing date
 (``-20250514``, ``-2024-08-06``, ``-0613``), ``-latest`` / ``-0`` / Bedrock ``-v1:0`` suffixes,
 and ``.`` vs ``-`` (``gpt-4.1`` == ``gpt-4-1``). A cache rate left out falls back to the input
-rate.
+rate of the same entry (so a deployment priced at 0 is 0 for cached tokens too).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from decimal import Context, Decimal, InvalidOperation, localcontext
 from importlib import resources
 from pathlib import Path
@@ -69,6 +69,17 @@ class Rates:
             cache_write=self.cache_write if self.cache_write is not None else base.cache_write,
         )
 
+    def completed(self) -> Rates:
+        """Cache rates left out default to this entry's own input rate."""
+        if self.input is None:
+            return self
+        return Rates(
+            input=self.input,
+            output=self.output,
+            cache_read=self.cache_read if self.cache_read is not None else self.input,
+            cache_write=self.cache_write if self.cache_write is not None else self.input,
+        )
+
     @property
     def complete(self) -> bool:
         return self.input is not None and self.output is not None
@@ -111,7 +122,7 @@ def _rates(entry: Any, where: str) -> Rates:
     unknown = set(entry) - set(FIELDS)
     if unknown:
         raise PriceError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    return Rates(*(_decimal(entry.get(f), f"{where}.{f}") for f in FIELDS))
+    return Rates(*(_decimal(entry.get(f), f"{where}.{f}") for f in FIELDS)).completed()
 
 
 def canonical(model: str) -> str:
@@ -193,7 +204,8 @@ def _deployment_rates(deployment: Deployment | None) -> Rates | None:
     if all(v is None for v in values):
         return None
     where = f"deployment {deployment.litellm_model}"
-    return Rates(*(_decimal(v, f"{where}.{f}") for f, v in zip(FIELDS, values, strict=True)))
+    rates = Rates(*(_decimal(v, f"{where}.{f}") for f, v in zip(FIELDS, values, strict=True)))
+    return rates.completed()
 
 
 class PriceBook:
@@ -224,7 +236,9 @@ class PriceBook:
             tables.insert(0, PriceTable.parse(doc, str(path)))
         return cls(tables)
 
-    def rates(self, provider: str, model: str, deployment: Deployment | None = None) -> Rates | None:
+    def rates(
+        self, provider: str, model: str, deployment: Deployment | None = None
+    ) -> Rates | None:
         """The merged rates for this request, or None when input/output rates are unknown."""
         merged = _deployment_rates(deployment) or Rates()
         if deployment is not None:
@@ -234,9 +248,7 @@ class PriceBook:
             if merged.complete and merged.cache_read is not None and merged.cache_write is not None:
                 break
             merged = merged.over(table.lookup(provider, model))
-        if merged.complete:
-            return merged
-        return replace(merged) if False else None
+        return merged if merged.complete else None
 
     def cost(
         self, provider: str, model: str, usage: Usage, deployment: Deployment | None = None

@@ -27,7 +27,7 @@ Scripted behaviours, chosen by the text of the last user turn (case-insensitive)
     "too long"       400 "prompt is too long: 250000 tokens > 200000 maximum"
     "refuse"         stop_reason "refusal"
     "think"          a thinking block before the text
-    "slow"           200 ms between stream events (one 200 ms pause when not streaming)
+    "slow"           a 200 ms pause before each content delta (one pause when not streaming)
     "break"          stream: a little text, then an `error` event (overloaded_error), then EOF
     "cut"            stream: a little text, then EOF without message_delta / message_stop
     tool results     (a last user turn made of tool_result blocks) "Got the tool result: ..."
@@ -505,7 +505,7 @@ class FakeAnthropic:
         resp = web.StreamResponse(headers={**SSE_HEADERS, "request-id": rid})
         await resp.prepare(request)
         for event in stream_events(message, p):
-            if p.slow:
+            if p.slow and event.startswith(b"event: content_block_delta"):
                 await asyncio.sleep(SLOW_DELAY)
             await resp.write(event)
         await resp.write_eof()

@@ -29,10 +29,10 @@ def test_format_is_namespace_and_sha256_hex() -> None:
 
 
 def test_key_order_is_irrelevant_at_every_level() -> None:
-    a = {"model": "m", "messages": [{"role": "user", "content": "x"}],
-         "response_format": {"type": "json_schema", "json_schema": {"name": "a", "strict": True}}}  # fmt: skip
-    b = {"response_format": {"json_schema": {"strict": True, "name": "a"}, "type": "json_schema"},
-         "messages": [{"content": "x", "role": "user"}], "model": "m"}  # fmt: skip
+    schema_a = {"type": "json_schema", "json_schema": {"name": "a", "strict": True}}
+    schema_b = {"json_schema": {"strict": True, "name": "a"}, "type": "json_schema"}
+    a = {"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": schema_a}
+    b = {"response_format": schema_b, "messages": [{"content": "x", "role": "user"}], "model": "m"}
     assert key(a) == key(b)
 
 

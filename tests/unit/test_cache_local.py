@@ -121,4 +121,7 @@ async def test_corrupt_entry_is_a_miss() -> None:
     await cache.store.put("k", b"{not json", None)
     await cache.store.put("z", b"\x78garbage", None)
     assert await cache.get("k") is None and await cache.get("z") is None
-    assert cache.stats.corrupt == 2
+    await cache.put("a", answer())
+    await cache.store.put("b", await cache.store.get("a"), None)  # another key's bytes
+    assert await cache.get("b") is None and await cache.get("a") is not None
+    assert cache.stats.corrupt == 3

@@ -93,13 +93,14 @@ async def test_sdk_raw_stream_reassembles_content_and_usage() -> None:
 @pytest.mark.parametrize("content", [None, "Let me check."])
 async def test_sdk_stream_helper_reassembles_tool_calls(content: str | None) -> None:
     body = completion(content, CALLS)
-    async with client(replay_stream(body, include_usage=True)) as c:
-        async with c.chat.completions.stream(
-            model="gpt-4o", messages=[{"role": "user", "content": "weather?"}],
-            stream_options={"include_usage": True},
-        ) as stream:  # fmt: skip
-            kinds = [event.type async for event in stream]
-            final = await stream.get_final_completion()
+    c = client(replay_stream(body, include_usage=True))
+    request = c.chat.completions.stream(
+        model="gpt-4o", messages=[{"role": "user", "content": "weather?"}],
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    async with c, request as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_completion()
     message = final.choices[0].message
     assert message.content == content
     assert final.choices[0].finish_reason == "tool_calls"
@@ -130,11 +131,12 @@ async def test_several_choices_and_refusal() -> None:
         {"index": 1, "message": {"role": "assistant", "content": None, "refusal": "I can't."},
          "finish_reason": "stop", "logprobs": None}
     )  # fmt: skip
-    async with client(replay_stream(body, include_usage=False)) as c:
-        async with c.chat.completions.stream(
-            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], n=2
-        ) as stream:
-            final = await stream.get_final_completion()
+    c = client(replay_stream(body, include_usage=False))
+    request = c.chat.completions.stream(
+        model="gpt-4o", messages=[{"role": "user", "content": "hi"}], n=2
+    )
+    async with c, request as stream:
+        final = await stream.get_final_completion()
     assert final.choices[0].message.content == TEXT
     assert final.choices[1].message.refusal == "I can't."
 

@@ -26,8 +26,9 @@ class Upstream:
         await asyncio.sleep(self.delay)
         if n <= self.fail_first:
             raise RuntimeError("upstream 500")
+        message = {"role": "assistant", "content": "hi"}
         body = {"object": "chat.completion", "id": f"chatcmpl-{n}",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}  # fmt: skip
+                "choices": [{"index": 0, "message": message}]}  # fmt: skip
         return CachedAnswer.now(body, "openai/gpt-4o", "gpt-4o")
 
 
