@@ -127,6 +127,9 @@ class Engine:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the pooled upstream session (idempotent; also done on first use)."""
+        if self.session is not None:
+            return
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
                                          keepalive_timeout=60)  # fmt: skip
         self.session = aiohttp.ClientSession(
@@ -152,6 +155,8 @@ class Engine:
         if endpoint not in ROUTED_ENDPOINTS or request.method != "POST":
             return Reply(passthrough=True)
         exchange = self._new_exchange(request, endpoint)
+        if self.session is None:
+            await self.start()
         try:
             body = self._parse_body(request.body, endpoint)
             exchange.requested_model = body["model"]

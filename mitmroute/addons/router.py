@@ -89,7 +89,7 @@ class Router:
             reply = await engine.handle(self._client_request(flow))
             if reply.passthrough:
                 return
-            self._respond(flow, reply)
+            await self._respond(flow, reply)
         except Exception as e:  # fail closed: never let the flow go on unrouted
             log.exception("mitmroute: internal error")
             err = errors.internal_error(f"mitmroute internal error: {type(e).__name__}")
@@ -108,11 +108,12 @@ class Router:
             identity=flow.metadata.get(IDENTITY_KEY, {}),
         )  # fmt: skip
 
-    def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
+    async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
         flow.metadata[EXCHANGE_KEY] = reply.exchange
         if reply.stream is None:
             flow.response = http.Response.make(reply.status, reply.body, reply.headers)
             return
+        await self.relay.start()
         path = self.relay.register(RelayedStream(reply.status, reply.headers, reply.stream))
         flow.metadata[RELAY_KEY] = True
         flow.request.scheme = "http"

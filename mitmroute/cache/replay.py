@@ -10,6 +10,7 @@ with `text` deltas. Every chunk carries the stored `id`, `created` and `model`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -45,15 +46,23 @@ def replay_stream(
     all, a zero usage is sent so clients that wait for it still get one.
     """
     usage = usage or answer_body.get("usage") or dict(_ZERO_USAGE)
+    env = _envelope(answer_body)
+    # Every chunk is the same envelope around one choice: serialize the envelope once.
+    head = {**env, "usage": None} if include_usage else env
+    prefix = b"data: " + _dumps(head)[:-1] + b',"choices":['
     if answer_body.get("object") == "text_completion":
-        chunks = _text_chunks(answer_body, include_usage)
+        choices = _text_choices(answer_body)
     else:
-        chunks = _chat_chunks(answer_body, include_usage)
-    out = [encode(chunk) for chunk in chunks]
+        choices = _chat_choices(answer_body)
+    out = [prefix + _dumps(choice) + b"]}\n\n" for choice in choices]
     if include_usage:
-        out.append(encode({**_envelope(answer_body), "choices": [], "usage": usage}))
+        out.append(encode({**env, "choices": [], "usage": usage}))
     out.append(DONE)
     return b"".join(out)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _envelope(body: dict[str, Any]) -> dict[str, Any]:
@@ -70,14 +79,9 @@ def _envelope(body: dict[str, Any]) -> dict[str, Any]:
     return env
 
 
-def _chat_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
-    env = _envelope(body)
-    if include_usage:
-        env["usage"] = None
-
+def _chat_choices(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None):
-        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {**env, "choices": [choice]}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     for choice in body.get("choices") or ():
         index = choice.get("index", 0)
@@ -118,15 +122,10 @@ def _tool_call_chunks(i: int, call: dict[str, Any], chunk: Any) -> Iterator[dict
         yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
 
 
-def _text_chunks(body: dict[str, Any], include_usage: bool) -> Iterator[dict[str, Any]]:
-    env = _envelope(body)
-    if include_usage:
-        env["usage"] = None
+def _text_choices(body: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for choice in body.get("choices") or ():
         index = choice.get("index", 0)
         for piece in split_text(choice.get("text") or ""):
-            c = {"index": index, "text": piece, "logprobs": None, "finish_reason": None}
-            yield {**env, "choices": [c]}
-        last = {"index": index, "text": "", "logprobs": choice.get("logprobs"),
-                "finish_reason": choice.get("finish_reason") or "stop"}  # fmt: skip
-        yield {**env, "choices": [last]}
+            yield {"index": index, "text": piece, "logprobs": None, "finish_reason": None}
+        yield {"index": index, "text": "", "logprobs": choice.get("logprobs"),
+               "finish_reason": choice.get("finish_reason") or "stop"}  # fmt: skip

@@ -37,6 +37,9 @@ class StreamRelay:
         self.port = 0
 
     async def start(self, host: str = "127.0.0.1") -> None:
+        """Listen on a free loopback port (idempotent; also done on first use)."""
+        if self._server is not None:
+            return
         self._server = await asyncio.start_server(self._serve, host, 0, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
 

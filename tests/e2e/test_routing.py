@@ -201,3 +201,43 @@ def _closed_port() -> int:
     from tests.conftest import free_port
 
     return free_port()
+
+
+def test_reverse_mode_for_clients_that_can_set_a_base_url(start_proxy, backend):
+    proxy = start_proxy(
+        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1",
+                                   api_key="k")]},
+        extra_args=["--mode", "reverse:https://api.openai.com"])  # fmt: skip
+    client = openai.OpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1", max_retries=0)
+    with client:
+        completion = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "reverse"}])
+        chunks = list(client.chat.completions.create(
+            model="gpt-4o", stream=True, messages=[{"role": "user", "content": "reverse"}]))
+    assert completion.choices[0].message.content == "echo: reverse"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "echo: reverse"
+
+
+def test_allow_hosts_decrypts_only_intercepted_hosts(start_proxy, backend):
+    proxy = start_proxy(
+        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1",
+                                   api_key="k")]},
+        extra_args=["--allow-hosts", r"^api\.openai\.com:443$"])  # fmt: skip
+    with proxy.client() as client:
+        completion = client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "allowed"}])
+    assert completion.choices[0].message.content == "echo: allowed"
+
+
+def test_config_error_stops_start_up_naming_the_key(tmp_path, confdir):
+    from tests.conftest import MITMDUMP, ROOT, free_port
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_list:\n  - model_name: a\n    litellm_params:\n      model: openai/x\n"
+                   "      api_base: nope\n")  # fmt: skip
+    out = subprocess.run([MITMDUMP, "-p", str(free_port()), "--set", f"confdir={confdir}",
+                          "-s", str(ROOT / "addons" / "router.py"),
+                          "--set", f"router_config={bad}"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode != 0
+    assert "model_list[0].litellm_params.api_base: not a URL" in out.stderr + out.stdout
