@@ -18,6 +18,10 @@ How the engine uses it (all on the event loop; nothing here blocks or raises on 
                 if controls.write: await cache.put(key, answer, ttl=controls.ttl)
     elif controls.write: ...call upstream, then put...
 
+A streamed leader whose answer completes in a callback uses `f = await cache.join(key)` and
+later `f.publish(answer)` and `f.release()` (always, also on failure). Followers of a streamed
+leader get the assembled answer when the leader's stream ends, and replay it.
+
 Stored values are compact JSON (zlib-compressed over `COMPRESS_OVER` bytes, recognized by their
 first byte), so the local and the Redis store hold the same bytes and readers never share
 mutable dicts.

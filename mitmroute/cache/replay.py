@@ -18,19 +18,32 @@ from typing import Any
 from mitmroute.streaming.sse import DONE, encode
 
 PIECE_MAX = 16
-"""Longest content delta; longer words are cut."""
+"""Longest delta of a short text; longer words are cut."""
 ARGS_PIECE = 12
-"""Tool-call argument fragment size."""
+"""Tool-call argument fragment size (for short arguments)."""
+MAX_PIECES = 256
+"""Long texts get longer deltas, so a replay stays around this many chunks per text (and its
+cost on the event loop bounded, about 1 ms)."""
 
 _WORDS = re.compile(r"\s*\S+\s*|\s+")
 _ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 
-def split_text(text: str, size: int = PIECE_MAX) -> list[str]:
-    """Word-sized pieces (each word with its surrounding spaces), none longer than `size`."""
+def split_text(text: str, *, max_pieces: int = MAX_PIECES) -> list[str]:
+    """Word-sized pieces (a word with its surrounding spaces, cut at `PIECE_MAX`); words are
+    grouped when the text is long, so there are at most about `max_pieces` pieces."""
+    target = max(1, -(-len(text) // max_pieces))
+    longest = max(PIECE_MAX, 2 * target)
     pieces: list[str] = []
+    buf = ""
     for word in _WORDS.findall(text):
-        pieces.extend(word[i : i + size] for i in range(0, len(word), size))
+        for start in range(0, len(word), longest):
+            buf += word[start : start + longest]
+            if len(buf) >= target:
+                pieces.append(buf)
+                buf = ""
+    if buf:
+        pieces.append(buf)
     return pieces
 
 
@@ -117,8 +130,9 @@ def _tool_call_chunks(i: int, call: dict[str, Any], chunk: Any) -> Iterator[dict
     }
     yield chunk({"tool_calls": [head]})
     args = fn.get("arguments") or ""
-    for start in range(0, len(args), ARGS_PIECE):
-        piece = args[start : start + ARGS_PIECE]
+    size = max(ARGS_PIECE, -(-len(args) // MAX_PIECES))
+    for start in range(0, len(args), size):
+        piece = args[start : start + size]
         yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 from decimal import Decimal
@@ -62,7 +63,7 @@ async def test_settings_ttl_is_the_default_and_real_expiry() -> None:
     cache = ResponseCache.from_settings(replace(SETTINGS, ttl=0.05))
     await cache.put("k", answer(), ttl=None)
     assert await cache.get("k") is not None
-    time.sleep(0.06)
+    await asyncio.sleep(0.06)
     assert await cache.get("k") is None
 
 

@@ -172,3 +172,18 @@ def test_split_text_round_trips() -> None:
         pieces = split_text(text)
         assert "".join(pieces) == text
         assert all(0 < len(p) <= 16 for p in pieces)
+
+
+def test_long_answers_stay_around_max_pieces_chunks() -> None:
+    text = "word " * 10_000 + "x" * 5000
+    pieces = split_text(text, max_pieces=256)
+    assert "".join(pieces) == text and len(pieces) <= 257
+    body = completion(text, [{**CALLS[0], "function": {"name": "f", "arguments": "a" * 20_000}}])
+    chunks = events(replay_stream(body, include_usage=False))
+    assert len(chunks) < 2 * 256 + 5
+    assembler = ChunkAssembler()
+    for c in chunks:
+        assembler.add(c)
+    message = assembler.completion()["choices"][0]["message"]
+    assert message["content"] == text
+    assert message["tool_calls"][0]["function"]["arguments"] == "a" * 20_000
