@@ -1,0 +1,102 @@
+"""SSE parsing in arbitrary splits, chunk assembly, and provider stream translation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mitmroute.config import parse_config
+from mitmroute.errors import ProxyError
+from mitmroute.providers import provider_for
+from mitmroute.streaming.sse import ChunkAssembler, SSEParser, encode
+
+CHUNKS = [
+    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant",
+                                                                  "content": ""}}]},
+    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"content": "Hel"}}]},
+    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": "call_1", "type": "function",
+         "function": {"name": "get", "arguments": '{"a"'}}]}}]},
+    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]},
+    {"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3,
+                                                         "completion_tokens": 4}},
+]  # fmt: skip
+WIRE = b"".join(encode(c) for c in CHUNKS) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, len(WIRE)])
+def test_sse_parser_handles_any_split(size):
+    parser = SSEParser()
+    events = []
+    for i in range(0, len(WIRE), size):
+        events += parser.feed(WIRE[i : i + size])
+    events += parser.finish()
+    assert [e.data for e in events][-1] == "[DONE]"
+    assert [json.loads(e.data) for e in events[:-1]] == CHUNKS
+
+
+def test_sse_parser_reads_event_names_crlf_and_comments():
+    events = SSEParser().feed(b": ping\r\nevent: message_start\r\ndata: {}\r\n\r\n")
+    assert events[0].event == "message_start" and events[0].data == "{}"
+
+
+def test_assembler_rebuilds_the_completion():
+    assembler = ChunkAssembler()
+    for chunk in CHUNKS:
+        assembler.add(chunk)
+    body = assembler.completion()
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Hel"
+    assert message["tool_calls"][0]["function"] == {"name": "get", "arguments": '{"a": 1}'}
+    assert body["choices"][0]["finish_reason"] == "tool_calls"
+    assert assembler.usage.prompt_tokens == 3 and assembler.finished
+
+
+def _deployment(model: str):
+    config = parse_config({"model_list": [{"model_name": "g", "litellm_params": {
+        "model": model, "api_base": "http://127.0.0.1:1", "api_key": "k"}}]}, environ={})
+    return config.deployments[0]
+
+
+def test_openai_stream_raises_on_an_error_event():
+    translator = provider_for("openai").stream("chat/completions", _deployment("openai/x"))
+    with pytest.raises(ProxyError) as info:
+        translator.feed(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+    assert info.value.status == 500 and info.value.retryable
+
+
+def test_openai_build_asks_streams_for_usage_and_uses_the_deployment_key():
+    call = provider_for("openai").build(
+        "chat/completions", {"model": "gpt-4o", "stream": True, "messages": []},
+        _deployment("openai/real-name"), drop_params=False)  # fmt: skip
+    body = json.loads(call.body)
+    assert body["model"] == "real-name"
+    assert body["stream_options"] == {"include_usage": True}
+    assert call.headers["authorization"] == "Bearer k"
+    assert call.url == "http://127.0.0.1:1/chat/completions"
+
+
+def test_ollama_ndjson_stream_becomes_chunks_with_usage():
+    translator = provider_for("ollama").stream("chat/completions", _deployment("ollama/q"))
+    wire = (b'{"model":"q","message":{"role":"assistant","content":"Hi"},"done":false}\n'
+            b'{"model":"q","message":{"role":"assistant","content":""},"done":true,'
+            b'"done_reason":"stop","prompt_eval_count":5,"eval_count":2}\n')  # fmt: skip
+    chunks = [c for i in range(0, len(wire), 10) for c in translator.feed(wire[i : i + 10])]
+    assembler = ChunkAssembler()
+    for chunk in chunks:
+        assembler.add(chunk)
+    assert assembler.completion()["choices"][0]["message"]["content"] == "Hi"
+    assert assembler.usage.prompt_tokens == 5 and assembler.usage.completion_tokens == 2
+    assert translator.done
+
+
+def test_ollama_rejects_what_it_cannot_do_unless_drop_params():
+    body = {"model": "x", "messages": [{"role": "user", "content": "x"}], "logprobs": True}
+    provider = provider_for("ollama")
+    with pytest.raises(ProxyError) as info:
+        provider.build("chat/completions", body, _deployment("ollama/q"), drop_params=False)
+    assert info.value.status == 400 and info.value.param == "logprobs"
+    call = provider.build("chat/completions", body, _deployment("ollama/q"), drop_params=True)
+    assert "logprobs" not in json.loads(call.body)
