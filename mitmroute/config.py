@@ -140,6 +140,9 @@ class RouterSettings:
     model_group_alias: dict[str, str] = field(default_factory=dict)
 
 
+DEFAULT_CALL_TYPES = ("chat_completions", "completions", "embeddings")
+
+
 @dataclass(frozen=True, slots=True)
 class CacheSettings:
     enabled: bool = False
@@ -150,7 +153,7 @@ class CacheSettings:
     url: str | None = None
     ttl: float | None = None
     namespace: str = "mitmroute"
-    supported_call_types: tuple[str, ...] = ("chat_completions", "completions", "embeddings")
+    supported_call_types: tuple[str, ...] = DEFAULT_CALL_TYPES
     mode: str = "default_on"
     scope: str = "global"
     max_entries: int = 10_000
@@ -485,7 +488,7 @@ def _cache_settings(settings: dict[str, Any], environ: dict[str, str]) -> CacheS
     aliases = {"completion": "chat_completions", "acompletion": "chat_completions",
                "text_completion": "completions", "atext_completion": "completions",
                "embedding": "embeddings", "aembedding": "embeddings"}  # fmt: skip
-    call_types = tuple(aliases.get(c, c) for c in call_types) or CacheSettings.supported_call_types
+    call_types = tuple(aliases.get(c, c) for c in call_types) or DEFAULT_CALL_TYPES
     return CacheSettings(
         enabled=enabled,
         type=cache_type,

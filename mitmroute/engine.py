@@ -16,11 +16,22 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
 from mitmroute import errors
+from mitmroute.cache import (
+    CacheControls,
+    CachedAnswer,
+    Flight,
+    ResponseCache,
+    cache_key,
+    parse_controls,
+    replay_stream,
+    scope_id,
+)
 from mitmroute.config import Deployment, RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Attempt, Exchange, Usage
@@ -80,6 +91,21 @@ class Answer:
 
 
 @dataclass(slots=True)
+class CacheTicket:
+    """A request's dealings with the cache: its key, controls, hit, and single flight."""
+
+    key: str
+    controls: CacheControls
+    hit: CachedAnswer | None = None
+    flight: Flight[CachedAnswer] | None = None
+
+    def release(self) -> None:
+        if self.flight is not None:
+            self.flight.release()
+            self.flight = None
+
+
+@dataclass(slots=True)
 class _OpenStream:
     response: aiohttp.ClientResponse
     translator: StreamTranslator
@@ -123,6 +149,8 @@ class Engine:
         self.pricer: Callable[[Exchange, Deployment | None], None] | None = None
         self.estimator: Callable[[Exchange, dict[str, Any], str], None] | None = None
         self.session: aiohttp.ClientSession | None = None
+        self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
+        self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -136,11 +164,15 @@ class Engine:
             connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True,
             skip_auto_headers=("User-Agent",),
         )  # fmt: skip
+        if self.cache is not None:
+            await self.cache.start()
 
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
             self.session = None
+        if self.cache is not None:
+            await self.cache.close()
 
     # --- the story ------------------------------------------------------------------------
 
@@ -157,6 +189,7 @@ class Engine:
         exchange = self._new_exchange(request, endpoint)
         if self.session is None:
             await self.start()
+        ticket: CacheTicket | None = None
         try:
             body = self._parse_body(request.body, endpoint)
             exchange.requested_model = body["model"]
@@ -165,17 +198,82 @@ class Engine:
             group = self.config.router.model_group_alias.get(body["model"], body["model"])
             if group not in self.groups:
                 if self.config.general.passthrough_unknown_models:
-                    return Reply(passthrough=True)
+                    return Reply(passthrough=True, exchange=exchange)
                 raise errors.model_not_found(body["model"])
             exchange.model_group = group
+            controls = parse_controls(body, request.headers, self.config.cache, endpoint=endpoint)
+            if self.cache is not None and controls.active and not (
+                exchange.stream and endpoint != CHAT
+            ):
+                ticket = await self._cache_ticket(endpoint, group, body, exchange, controls)
+                if ticket.hit is not None:
+                    return self._hit_reply(ticket, exchange, body)
             answer = await self._route(request, endpoint, body, group, exchange)
         except ProxyError as e:
-            return self._error_reply(e, exchange)
+            if ticket is not None:
+                ticket.release()
+            return self._error_reply(e, exchange, ticket)
         except Exception as e:  # fail closed, never leak the request unrouted
+            if ticket is not None:
+                ticket.release()
             log.exception("[%s] internal error", exchange.request_id)
             return self._error_reply(errors.internal_error(f"mitmroute internal error: {e}"),
-                                     exchange)  # fmt: skip
-        return self._success_reply(answer, exchange, body, endpoint)
+                                     exchange, ticket)  # fmt: skip
+        return self._success_reply(answer, exchange, body, endpoint, ticket)
+
+    # --- cache ------------------------------------------------------------------------------
+
+    async def _cache_ticket(self, endpoint: str, group: str, body: dict[str, Any],
+                            exchange: Exchange, controls: CacheControls) -> CacheTicket:  # fmt: skip
+        """Look the request up; on a miss, join its single flight (maybe someone else's)."""
+        assert self.cache is not None
+        scope = scope_id(self.config.cache.scope, key_hash=exchange.api_key_hash,
+                         team=exchange.team)  # fmt: skip
+        key = cache_key(endpoint, group, body, namespace=controls.namespace, scope_id=scope)
+        ticket = CacheTicket(key, controls)
+        if not controls.read:
+            return ticket
+        ticket.hit = await self.cache.get(key, max_age=controls.max_age)
+        if ticket.hit is None:
+            ticket.flight = await self.cache.join(key)
+            ticket.hit = ticket.flight.result
+            if ticket.hit is not None:
+                ticket.release()
+        return ticket
+
+    def _hit_reply(self, ticket: CacheTicket, exchange: Exchange, body: dict[str, Any]) -> Reply:
+        hit = ticket.hit
+        assert hit is not None
+        exchange.cache_hit = True
+        exchange.deployment = hit.deployment
+        exchange.status_code = 200
+        exchange.usage = Usage.from_openai(hit.body.get("usage"))
+        exchange.cost_usd = Decimal(0)
+        exchange.saved_usd = hit.cost
+        self.finish(exchange)
+        if exchange.stream:
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            payload = replay_stream(hit.body, include_usage=include_usage)
+            headers = self._headers(exchange, SSE_HEADERS, ticket)
+        else:
+            payload = json.dumps(hit.body).encode()
+            headers = self._headers(exchange, JSON_HEADERS, ticket)
+        return Reply(200, headers, payload, exchange=exchange)
+
+    def _store(self, ticket: CacheTicket | None, exchange: Exchange, body: dict[str, Any]) -> None:
+        """Share a complete, successful answer with waiting requests and the cache."""
+        if ticket is None or self.cache is None:
+            return
+        answer = CachedAnswer.now(body, exchange.deployment or "", exchange.model_group or "",
+                                  exchange.cost_usd)  # fmt: skip
+        if ticket.flight is not None:
+            ticket.flight.publish(answer)
+            ticket.release()
+        if ticket.controls.write:
+            task = asyncio.get_running_loop().create_task(
+                self.cache.put(ticket.key, answer, ttl=ticket.controls.ttl))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _new_exchange(self, request: ClientRequest, endpoint: str) -> Exchange:
         identity = request.identity
@@ -404,17 +502,22 @@ class Engine:
 
     # --- replies ---------------------------------------------------------------------------
 
-    def _headers(self, exchange: Exchange, base: Mapping[str, str]) -> dict[str, str]:
+    def _headers(self, exchange: Exchange, base: Mapping[str, str],
+                 ticket: CacheTicket | None = None) -> dict[str, str]:  # fmt: skip
         headers = {**base, "x-mitmroute-request-id": exchange.request_id}
         if exchange.deployment:
             headers["x-mitmroute-deployment"] = exchange.deployment
         headers["x-mitmroute-attempts"] = str(len(exchange.attempts))
+        if ticket is not None:
+            headers["x-mitmroute-cache"] = "HIT" if exchange.cache_hit else "MISS"
+            headers["x-mitmroute-cache-key"] = ticket.key
         return headers
 
-    def _error_reply(self, error: ProxyError, exchange: Exchange) -> Reply:
+    def _error_reply(self, error: ProxyError, exchange: Exchange,
+                     ticket: CacheTicket | None = None) -> Reply:  # fmt: skip
         exchange.status_code = error.status
         exchange.error_type = error.code or error.type
-        headers = self._headers(exchange, JSON_HEADERS)
+        headers = self._headers(exchange, JSON_HEADERS, ticket)
         for name, value in error.headers.items():
             if name != "retry-after" or error.status == 429:
                 headers[name] = value
@@ -422,7 +525,7 @@ class Engine:
         return Reply(error.status, headers, error.to_bytes(), exchange=exchange)
 
     def _success_reply(self, answer: Answer, exchange: Exchange, body: dict[str, Any],
-                       endpoint: str) -> Reply:  # fmt: skip
+                       endpoint: str, ticket: CacheTicket | None) -> Reply:  # fmt: skip
         deployment = answer.deployment
         exchange.deployment = deployment.litellm_model
         exchange.provider = deployment.provider
@@ -430,19 +533,23 @@ class Engine:
         exchange.status_code = 200
         if answer.stream is not None:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment)
-            return Reply(200, self._headers(exchange, SSE_HEADERS), stream=chunks,
+            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment,
+                                 ticket)  # fmt: skip
+            return Reply(200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks,
                          exchange=exchange)  # fmt: skip
         assert answer.body is not None
         exchange.usage = Usage.from_openai(answer.body.get("usage"))
         if exchange.usage is None or (exchange.usage.total_tokens == 0 and endpoint != EMBEDDINGS):
             self._estimate(exchange, body, answer.body)
         self.finish(exchange, deployment)
+        self._store(ticket, exchange, answer.body)
         payload = json.dumps(answer.body).encode()
-        return Reply(200, self._headers(exchange, JSON_HEADERS), payload, exchange=exchange)
+        return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload,
+                     exchange=exchange)  # fmt: skip
 
     async def _relay(self, opened: _OpenStream, exchange: Exchange, body: dict[str, Any],
-                     include_usage: bool, deployment: Deployment) -> AsyncIterator[bytes]:  # fmt: skip
+                     include_usage: bool, deployment: Deployment,
+                     ticket: CacheTicket | None) -> AsyncIterator[bytes]:  # fmt: skip
         """Translate upstream bytes into the client's SSE stream, chunk by chunk."""
         assembler = ChunkAssembler()
         resp, translator = opened.response, opened.translator
@@ -492,9 +599,16 @@ class Engine:
         finally:
             resp.close()
             exchange.usage = assembler.usage
+            completion = assembler.completion()
             if exchange.usage is None or exchange.usage.total_tokens == 0:
-                self._estimate(exchange, body, assembler.completion())
+                self._estimate(exchange, body, completion)
             self.finish(exchange, deployment)
+            if exchange.error_type is None and (translator.done or assembler.finished):
+                if exchange.usage is not None and "usage" not in completion:
+                    completion["usage"] = exchange.usage.to_openai()
+                self._store(ticket, exchange, completion)
+            elif ticket is not None:
+                ticket.release()
 
     def _estimate(self, exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:
         if self.estimator is not None:
@@ -511,7 +625,7 @@ class Engine:
         """Close the books on an exchange and hand it to every listener."""
         exchange.ended_at = now_utc()
         exchange.latency_ms = (time.perf_counter() - exchange.clock_start) * 1000
-        if self.pricer is not None and exchange.usage is not None:
+        if self.pricer is not None and exchange.usage is not None and not exchange.cache_hit:
             self.pricer(exchange, deployment)
         for listener in self.listeners:
             try:
