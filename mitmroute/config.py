@@ -54,31 +54,87 @@ OPENAI_COMPATIBLE = {
 KNOWN_PROVIDERS = OPENAI_COMPATIBLE | {"anthropic", "ollama", "ollama_chat"}
 
 KNOWN_LITELLM_PARAMS = {
-    "model", "api_key", "api_base", "api_version", "rpm", "tpm", "timeout", "stream_timeout",
-    "input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
-    "cache_creation_input_token_cost", "max_tokens", "organization", "weight", "order",
-    "max_retries", "drop_params", "extra_headers", "custom_llm_provider", "tags",
-}  # fmt: skip
+    "model",
+    "api_key",
+    "api_base",
+    "api_version",
+    "rpm",
+    "tpm",
+    "timeout",
+    "stream_timeout",
+    "input_cost_per_token",
+    "output_cost_per_token",
+    "cache_read_input_token_cost",
+    "cache_creation_input_token_cost",
+    "max_tokens",
+    "organization",
+    "weight",
+    "order",
+    "max_retries",
+    "drop_params",
+    "extra_headers",
+    "custom_llm_provider",
+    "tags",
+}
 KNOWN_MODEL_ENTRY = {"model_name", "litellm_params", "model_info"}
 KNOWN_ROUTER_SETTINGS = {
-    "fallbacks", "context_window_fallbacks", "content_policy_fallbacks", "num_retries",
-    "retry_after", "retry_policy", "allowed_fails", "allowed_fails_policy", "cooldown_time",
-    "timeout", "stream_timeout", "routing_strategy", "redis_host", "redis_port",
-    "redis_password", "redis_url", "enable_pre_call_checks", "default_fallbacks",
-    "model_group_alias", "max_fallbacks",
-}  # fmt: skip
+    "fallbacks",
+    "context_window_fallbacks",
+    "content_policy_fallbacks",
+    "num_retries",
+    "retry_after",
+    "retry_policy",
+    "allowed_fails",
+    "allowed_fails_policy",
+    "cooldown_time",
+    "timeout",
+    "stream_timeout",
+    "routing_strategy",
+    "redis_host",
+    "redis_port",
+    "redis_password",
+    "redis_url",
+    "enable_pre_call_checks",
+    "default_fallbacks",
+    "model_group_alias",
+    "max_fallbacks",
+}
 KNOWN_GENERAL_SETTINGS = {
-    "intercept_hosts", "spend_db", "passthrough_unknown_models", "master_key", "database_url",
-    "alerting", "alerting_threshold", "alerting_webhook_url", "budget_duration", "max_budget",
-    "metrics_port", "spend_alerts", "price_file", "request_timeout",
-}  # fmt: skip
+    "intercept_hosts",
+    "spend_db",
+    "passthrough_unknown_models",
+    "master_key",
+    "database_url",
+    "alerting",
+    "alerting_threshold",
+    "alerting_webhook_url",
+    "budget_duration",
+    "max_budget",
+    "metrics_port",
+    "spend_alerts",
+    "price_file",
+    "request_timeout",
+}
 KNOWN_LITELLM_SETTINGS = {
-    "cache", "cache_params", "drop_params", "set_verbose", "callbacks", "success_callback",
-    "failure_callback", "num_retries", "request_timeout", "json_logs", "turn_off_message_logging",
-}  # fmt: skip
+    "cache",
+    "cache_params",
+    "drop_params",
+    "set_verbose",
+    "callbacks",
+    "success_callback",
+    "failure_callback",
+    "num_retries",
+    "request_timeout",
+    "json_logs",
+    "turn_off_message_logging",
+}
 KNOWN_TOP_LEVEL = {
-    "model_list", "router_settings", "general_settings", "litellm_settings", "environment_variables",
-}  # fmt: skip
+    "model_list",
+    "router_settings",
+    "general_settings",
+    "litellm_settings",
+    "environment_variables",
+}
 
 _warned_unknown: set[str] = set()
 
@@ -379,10 +435,15 @@ def _ladder(value: Any, path: str, groups: set[str]) -> dict[str, list[str]]:
 
 
 RETRY_POLICY_KEYS = {
-    "BadRequestErrorRetries", "AuthenticationErrorRetries", "TimeoutErrorRetries",
-    "RateLimitErrorRetries", "ContentPolicyViolationErrorRetries", "InternalServerErrorRetries",
-    "ServiceUnavailableErrorRetries", "APIConnectionErrorRetries",
-}  # fmt: skip
+    "BadRequestErrorRetries",
+    "AuthenticationErrorRetries",
+    "TimeoutErrorRetries",
+    "RateLimitErrorRetries",
+    "ContentPolicyViolationErrorRetries",
+    "InternalServerErrorRetries",
+    "ServiceUnavailableErrorRetries",
+    "APIConnectionErrorRetries",
+}
 
 
 def _retry_policy(router: dict[str, Any], path: str) -> RetryPolicy:
@@ -469,8 +530,10 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
 def _cache_settings(settings: dict[str, Any], environ: dict[str, str]) -> CacheSettings:
     path = "litellm_settings.cache_params"
     enabled = _bool(settings.get("cache"), "litellm_settings.cache", False)
-    p = {k: _resolve_env(v, f"{path}.{k}", environ) for k, v in
-         _mapping(settings.get("cache_params"), path).items()}  # fmt: skip
+    p = {
+        k: _resolve_env(v, f"{path}.{k}", environ)
+        for k, v in _mapping(settings.get("cache_params"), path).items()
+    }
     cache_type = str(p.get("type", "local"))
     if cache_type not in {"local", "redis"}:
         raise ConfigError(f"{path}.type: expected 'local' or 'redis', got {cache_type!r}")
@@ -485,9 +548,14 @@ def _cache_settings(settings: dict[str, Any], environ: dict[str, str]) -> CacheS
         raise ConfigError(f"{path}.url: not a redis:// URL: {url!r}")
     call_types = tuple(_str_list(p.get("supported_call_types"), f"{path}.supported_call_types"))
     # LiteLLM names call types after its functions; accept both spellings.
-    aliases = {"completion": "chat_completions", "acompletion": "chat_completions",
-               "text_completion": "completions", "atext_completion": "completions",
-               "embedding": "embeddings", "aembedding": "embeddings"}  # fmt: skip
+    aliases = {
+        "completion": "chat_completions",
+        "acompletion": "chat_completions",
+        "text_completion": "completions",
+        "atext_completion": "completions",
+        "embedding": "embeddings",
+        "aembedding": "embeddings",
+    }
     call_types = tuple(aliases.get(c, c) for c in call_types) or DEFAULT_CALL_TYPES
     return CacheSettings(
         enabled=enabled,
@@ -503,8 +571,9 @@ def _cache_settings(settings: dict[str, Any], environ: dict[str, str]) -> CacheS
         scope=scope,
         max_entries=_number(p.get("max_entries", 10_000), f"{path}.max_entries", integer=True),
         max_bytes=_number(p.get("max_bytes", 64 << 20), f"{path}.max_bytes", integer=True),
-        max_item_bytes=_number(p.get("max_item_bytes", 1 << 20), f"{path}.max_item_bytes",
-                               integer=True),  # fmt: skip
+        max_item_bytes=_number(
+            p.get("max_item_bytes", 1 << 20), f"{path}.max_item_bytes", integer=True
+        ),
     )
 
 
@@ -536,7 +605,9 @@ def parse_config(
     )
 
 
-def load_config(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> RouterConfig:  # noqa: E501
+def load_config(
+    path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None
+) -> RouterConfig:
     """Load `path`, or the built-in defaults when it is None."""
     if path is None:
         return parse_config(DEFAULT_CONFIG, environ=environ, source="<built-in defaults>")

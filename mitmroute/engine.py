@@ -8,6 +8,7 @@ mitmproxy, so it is tested directly. The addon in `mitmroute.addons.router` adap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -46,7 +47,7 @@ from mitmroute.routing.ladder import (
     special_fallbacks,
 )
 from mitmroute.routing.picker import DeploymentPicker
-from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error
+from mitmroute.streaming.sse import DONE, ChunkAssembler, SSEParser, encode, encode_error
 
 log = logging.getLogger("mitmroute")
 
@@ -113,6 +114,26 @@ class _OpenStream:
     read_timeout: float | None
 
 
+class PassthroughTap:
+    """Watches a passed-through stream go by (unchanged) to read its usage for the spend log."""
+
+    __slots__ = ("exchange", "parser", "usage")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.parser = SSEParser()
+        self.usage: Usage | None = None
+
+    def observe(self, data: bytes) -> bytes:
+        for event in self.parser.feed(data) if data else self.parser.finish():
+            if '"usage"' in event.data:
+                with contextlib.suppress(ValueError, TypeError):
+                    self.usage = (
+                        Usage.from_openai(json.loads(event.data).get("usage")) or self.usage
+                    )
+        return data
+
+
 def endpoint_of(path: str) -> str | None:
     """`/v1/chat/completions?x` -> `chat/completions`; None for paths outside `/v1/`."""
     path = path.split("?", 1)[0]
@@ -158,12 +179,15 @@ class Engine:
         """Open the pooled upstream session (idempotent; also done on first use)."""
         if self.session is not None:
             return
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300,
-                                         keepalive_timeout=60)  # fmt: skip
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
+        )
         self.session = aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=None), auto_decompress=True,
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
             skip_auto_headers=("User-Agent",),
-        )  # fmt: skip
+        )
         if self.cache is not None:
             await self.cache.start()
 
@@ -202,8 +226,10 @@ class Engine:
                 raise errors.model_not_found(body["model"])
             exchange.model_group = group
             controls = parse_controls(body, request.headers, self.config.cache, endpoint=endpoint)
-            if self.cache is not None and controls.active and not (
-                exchange.stream and endpoint != CHAT
+            if (
+                self.cache is not None
+                and controls.active
+                and not (exchange.stream and endpoint != CHAT)
             ):
                 ticket = await self._cache_ticket(endpoint, group, body, exchange, controls)
                 if ticket.hit is not None:
@@ -217,18 +243,26 @@ class Engine:
             if ticket is not None:
                 ticket.release()
             log.exception("[%s] internal error", exchange.request_id)
-            return self._error_reply(errors.internal_error(f"mitmroute internal error: {e}"),
-                                     exchange, ticket)  # fmt: skip
+            return self._error_reply(
+                errors.internal_error(f"mitmroute internal error: {e}"), exchange, ticket
+            )
         return self._success_reply(answer, exchange, body, endpoint, ticket)
 
     # --- cache ------------------------------------------------------------------------------
 
-    async def _cache_ticket(self, endpoint: str, group: str, body: dict[str, Any],
-                            exchange: Exchange, controls: CacheControls) -> CacheTicket:  # fmt: skip
+    async def _cache_ticket(
+        self,
+        endpoint: str,
+        group: str,
+        body: dict[str, Any],
+        exchange: Exchange,
+        controls: CacheControls,
+    ) -> CacheTicket:
         """Look the request up; on a miss, join its single flight (maybe someone else's)."""
         assert self.cache is not None
-        scope = scope_id(self.config.cache.scope, key_hash=exchange.api_key_hash,
-                         team=exchange.team)  # fmt: skip
+        scope = scope_id(
+            self.config.cache.scope, key_hash=exchange.api_key_hash, team=exchange.team
+        )
         key = cache_key(endpoint, group, body, namespace=controls.namespace, scope_id=scope)
         ticket = CacheTicket(key, controls)
         if not controls.read:
@@ -264,22 +298,25 @@ class Engine:
         """Share a complete, successful answer with waiting requests and the cache."""
         if ticket is None or self.cache is None:
             return
-        answer = CachedAnswer.now(body, exchange.deployment or "", exchange.model_group or "",
-                                  exchange.cost_usd)  # fmt: skip
+        answer = CachedAnswer.now(
+            body, exchange.deployment or "", exchange.model_group or "", exchange.cost_usd
+        )
         if ticket.flight is not None:
             ticket.flight.publish(answer)
             ticket.release()
         if ticket.controls.write:
             task = asyncio.get_running_loop().create_task(
-                self.cache.put(ticket.key, answer, ttl=ticket.controls.ttl))
+                self.cache.put(ticket.key, answer, ttl=ticket.controls.ttl)
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _new_exchange(self, request: ClientRequest, endpoint: str) -> Exchange:
         identity = request.identity
         key = bearer(request.headers)
-        tags = [t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",")
-                if t.strip()]  # fmt: skip
+        tags = [
+            t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",") if t.strip()
+        ]
         return Exchange(
             request_id=f"mr-{uuid.uuid4().hex}",
             started_at=now_utc(),
@@ -309,8 +346,9 @@ class Engine:
                 raise errors.bad_request("`messages` must be a non-empty array", param="messages")
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise errors.bad_request(f"messages[{i}] must be an object with a role",
-                                             param=f"messages[{i}]")  # fmt: skip
+                    raise errors.bad_request(
+                        f"messages[{i}] must be an object with a role", param=f"messages[{i}]"
+                    )
         elif endpoint == COMPLETIONS and "prompt" not in body:
             raise errors.bad_request("you must provide a prompt parameter", param="prompt")
         elif endpoint == EMBEDDINGS and "input" not in body:
@@ -319,8 +357,14 @@ class Engine:
 
     # --- routing with retries and fallbacks --------------------------------------------------
 
-    async def _route(self, request: ClientRequest, endpoint: str, body: dict[str, Any],
-                     group: str, exchange: Exchange) -> Answer:  # fmt: skip
+    async def _route(
+        self,
+        request: ClientRequest,
+        endpoint: str,
+        body: dict[str, Any],
+        group: str,
+        exchange: Exchange,
+    ) -> Answer:
         settings = self.config.router
         ladder = build_ladder(group, settings)
         loop = asyncio.get_running_loop()
@@ -352,15 +396,17 @@ class Engine:
                 await asyncio.sleep(wait)
             tried.add(deployment.id)
             try:
-                answer = await self._attempt(request, endpoint, body, deployment, exchange,
-                                             deadline - loop.time())  # fmt: skip
+                answer = await self._attempt(
+                    request, endpoint, body, deployment, exchange, deadline - loop.time()
+                )
             except ProxyError as e:
                 last = e
                 failures.append(f"{deployment.litellm_model} ({deployment.api_base}): {e}")
                 if e.retryable:
                     retry_after = parse_retry_after(e.headers.get("retry-after"))
-                    self.cooldowns.failure(deployment.id, e.kind,
-                                           retry_after if e.status == 429 else None)  # fmt: skip
+                    self.cooldowns.failure(
+                        deployment.id, e.kind, retry_after if e.status == 429 else None
+                    )
                     if loop.time() >= deadline:
                         failures.append(f"deadline of {settings.timeout:g}s reached")
                         raise self._exhausted(group, failures, last) from None
@@ -379,18 +425,29 @@ class Engine:
         tried = "; ".join(failures) or "nothing was tried"
         message = f"No deployment of `{group}` could answer. Tried: {tried}"
         if rate_limited:
-            return ProxyError(429, message, "rate_limit_exceeded", code="all_deployments_failed",
-                              kind="rate_limit")  # fmt: skip
-        return ProxyError(503, message, "server_error", code="all_deployments_failed",
-                          kind="error")  # fmt: skip
+            return ProxyError(
+                429,
+                message,
+                "rate_limit_exceeded",
+                code="all_deployments_failed",
+                kind="rate_limit",
+            )
+        return ProxyError(503, message, "server_error", code="all_deployments_failed", kind="error")
 
-    async def _attempt(self, request: ClientRequest, endpoint: str, body: dict[str, Any],
-                       deployment: Deployment, exchange: Exchange,
-                       remaining: float) -> Answer:  # fmt: skip
+    async def _attempt(
+        self,
+        request: ClientRequest,
+        endpoint: str,
+        body: dict[str, Any],
+        deployment: Deployment,
+        exchange: Exchange,
+        remaining: float,
+    ) -> Answer:
         provider = provider_for(deployment.provider)
         if endpoint not in provider.endpoints:
             raise errors.bad_request(
-                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model")
+                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
+            )
         call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
         headers = call.headers
         if not deployment.api_key and provider.name == "openai":
@@ -403,19 +460,28 @@ class Engine:
         stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
         timeout = min(deployment.timeout or self.config.router.timeout, remaining)
         started, t0 = now_utc(), time.perf_counter()
-        attempt = Attempt(len(exchange.attempts) + 1, deployment.litellm_model,
-                          deployment.api_base, started)  # fmt: skip
+        attempt = Attempt(
+            len(exchange.attempts) + 1, deployment.litellm_model, deployment.api_base, started
+        )
         exchange.attempts.append(attempt)
         try:
             if stream:
                 first_byte = deployment.stream_timeout or self.config.router.stream_timeout
                 opened = await self._open_stream(
-                    provider, endpoint, deployment, call.url, headers, call.body, timeout,
-                    min(first_byte or timeout, remaining))  # fmt: skip
+                    provider,
+                    endpoint,
+                    deployment,
+                    call.url,
+                    headers,
+                    call.body,
+                    timeout,
+                    min(first_byte or timeout, remaining),
+                )
                 attempt.status_code = 200
                 return Answer(deployment, stream=opened)
-            result = await self._call(provider, endpoint, deployment, call.url, headers,
-                                      call.body, timeout)  # fmt: skip
+            result = await self._call(
+                provider, endpoint, deployment, call.url, headers, call.body, timeout
+            )
             attempt.status_code = 200
             return Answer(deployment, body=result)
         except ProxyError as e:
@@ -424,33 +490,53 @@ class Engine:
         finally:
             attempt.latency_ms = (time.perf_counter() - t0) * 1000
 
-    async def _call(self, provider: Provider, endpoint: str, deployment: Deployment, url: str,
-                    headers: dict[str, str], data: bytes, timeout: float) -> dict[str, Any]:  # fmt: skip
+    async def _call(
+        self,
+        provider: Provider,
+        endpoint: str,
+        deployment: Deployment,
+        url: str,
+        headers: dict[str, str],
+        data: bytes,
+        timeout: float,
+    ) -> dict[str, Any]:
         assert self.session is not None
         try:
-            async with self.session.post(url, data=data, headers=headers,
-                                         timeout=aiohttp.ClientTimeout(total=timeout)) as resp:  # fmt: skip
+            async with self.session.post(
+                url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
                 return provider.parse(endpoint, raw, deployment)
         except TimeoutError:
             raise errors.upstream_timeout(
-                f"{deployment.litellm_model} did not answer within {timeout:.1f}s") from None
+                f"{deployment.litellm_model} did not answer within {timeout:.1f}s"
+            ) from None
         except aiohttp.ClientError as e:
             raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}") from None
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
+            ) from None
 
-    async def _open_stream(self, provider: Provider, endpoint: str, deployment: Deployment,
-                           url: str, headers: dict[str, str], data: bytes, timeout: float,
-                           first_byte: float) -> _OpenStream:  # fmt: skip
+    async def _open_stream(
+        self,
+        provider: Provider,
+        endpoint: str,
+        deployment: Deployment,
+        url: str,
+        headers: dict[str, str],
+        data: bytes,
+        timeout: float,
+        first_byte: float,
+    ) -> _OpenStream:
         """Open the upstream stream and wait for its first chunk: failing before that point
         is still invisible to the client (the ladder moves on)."""
         assert self.session is not None
         resp = None
         try:
             resp = await asyncio.wait_for(
-                self.session.post(url, data=data, headers=headers), first_byte)
+                self.session.post(url, data=data, headers=headers), first_byte
+            )
             if resp.status >= 400:
                 raw = await asyncio.wait_for(resp.read(), first_byte)
                 raise self._upstream_error(provider, resp, raw)
@@ -461,9 +547,13 @@ class Engine:
                 if not data_in:
                     first = translator.finish()
                     if not first:
-                        raise ProxyError(502, f"{deployment.litellm_model} closed the stream "
-                                         "before sending anything", "server_error",
-                                         code="upstream_stream_empty", retryable=True)  # fmt: skip
+                        raise ProxyError(
+                            502,
+                            f"{deployment.litellm_model} closed the stream before sending anything",
+                            "server_error",
+                            code="upstream_stream_empty",
+                            retryable=True,
+                        )
                     break
                 first = translator.feed(data_in)
             read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
@@ -478,15 +568,15 @@ class Engine:
             if resp is not None:
                 resp.close()
             raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}") from None
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
+            ) from None
         except ProxyError:
             if resp is not None:
                 resp.close()
             raise
 
     @staticmethod
-    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse,
-                        raw: bytes) -> ProxyError:  # fmt: skip
+    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse, raw: bytes) -> ProxyError:
         try:
             payload: Any = json.loads(raw)
         except ValueError:
@@ -502,8 +592,9 @@ class Engine:
 
     # --- replies ---------------------------------------------------------------------------
 
-    def _headers(self, exchange: Exchange, base: Mapping[str, str],
-                 ticket: CacheTicket | None = None) -> dict[str, str]:  # fmt: skip
+    def _headers(
+        self, exchange: Exchange, base: Mapping[str, str], ticket: CacheTicket | None = None
+    ) -> dict[str, str]:
         headers = {**base, "x-mitmroute-request-id": exchange.request_id}
         if exchange.deployment:
             headers["x-mitmroute-deployment"] = exchange.deployment
@@ -513,8 +604,9 @@ class Engine:
             headers["x-mitmroute-cache-key"] = ticket.key
         return headers
 
-    def _error_reply(self, error: ProxyError, exchange: Exchange,
-                     ticket: CacheTicket | None = None) -> Reply:  # fmt: skip
+    def _error_reply(
+        self, error: ProxyError, exchange: Exchange, ticket: CacheTicket | None = None
+    ) -> Reply:
         exchange.status_code = error.status
         exchange.error_type = error.code or error.type
         headers = self._headers(exchange, JSON_HEADERS, ticket)
@@ -524,8 +616,14 @@ class Engine:
         self.finish(exchange)
         return Reply(error.status, headers, error.to_bytes(), exchange=exchange)
 
-    def _success_reply(self, answer: Answer, exchange: Exchange, body: dict[str, Any],
-                       endpoint: str, ticket: CacheTicket | None) -> Reply:  # fmt: skip
+    def _success_reply(
+        self,
+        answer: Answer,
+        exchange: Exchange,
+        body: dict[str, Any],
+        endpoint: str,
+        ticket: CacheTicket | None,
+    ) -> Reply:
         deployment = answer.deployment
         exchange.deployment = deployment.litellm_model
         exchange.provider = deployment.provider
@@ -533,10 +631,10 @@ class Engine:
         exchange.status_code = 200
         if answer.stream is not None:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment,
-                                 ticket)  # fmt: skip
-            return Reply(200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks,
-                         exchange=exchange)  # fmt: skip
+            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment, ticket)
+            return Reply(
+                200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks, exchange=exchange
+            )
         assert answer.body is not None
         exchange.usage = Usage.from_openai(answer.body.get("usage"))
         if exchange.usage is None or (exchange.usage.total_tokens == 0 and endpoint != EMBEDDINGS):
@@ -544,12 +642,17 @@ class Engine:
         self.finish(exchange, deployment)
         self._store(ticket, exchange, answer.body)
         payload = json.dumps(answer.body).encode()
-        return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload,
-                     exchange=exchange)  # fmt: skip
+        return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload, exchange=exchange)
 
-    async def _relay(self, opened: _OpenStream, exchange: Exchange, body: dict[str, Any],
-                     include_usage: bool, deployment: Deployment,
-                     ticket: CacheTicket | None) -> AsyncIterator[bytes]:  # fmt: skip
+    async def _relay(
+        self,
+        opened: _OpenStream,
+        exchange: Exchange,
+        body: dict[str, Any],
+        include_usage: bool,
+        deployment: Deployment,
+        ticket: CacheTicket | None,
+    ) -> AsyncIterator[bytes]:
         """Translate upstream bytes into the client's SSE stream, chunk by chunk."""
         assembler = ChunkAssembler()
         resp, translator = opened.response, opened.translator
@@ -578,8 +681,12 @@ class Engine:
             if out := render(translator.finish()):
                 yield out
             if not (translator.done or assembler.finished):
-                raise ProxyError(502, f"{deployment.litellm_model} ended the stream early",
-                                 "server_error", code="upstream_stream_truncated")  # fmt: skip
+                raise ProxyError(
+                    502,
+                    f"{deployment.litellm_model} ended the stream early",
+                    "server_error",
+                    code="upstream_stream_truncated",
+                )
             yield DONE
         except ProxyError as e:
             exchange.error_type = e.code or e.type
@@ -587,12 +694,14 @@ class Engine:
             yield encode_error(e.message, etype=e.type, code=e.code)
         except TimeoutError:
             exchange.error_type, exchange.status_code = "upstream_stream_stalled", 504
-            yield encode_error(f"{deployment.litellm_model} stalled mid-stream",
-                               code="upstream_stream_stalled")  # fmt: skip
+            yield encode_error(
+                f"{deployment.litellm_model} stalled mid-stream", code="upstream_stream_stalled"
+            )
         except aiohttp.ClientError as e:
             exchange.error_type, exchange.status_code = "upstream_stream_broken", 502
-            yield encode_error(f"{deployment.litellm_model} broke the stream: {e}",
-                               code="upstream_stream_broken")  # fmt: skip
+            yield encode_error(
+                f"{deployment.litellm_model} broke the stream: {e}", code="upstream_stream_broken"
+            )
         except (GeneratorExit, asyncio.CancelledError):
             exchange.error_type = "client_disconnected"
             raise
@@ -616,10 +725,27 @@ class Engine:
 
     def _models(self) -> Reply:
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created, "owned_by": "mitmroute"}
-                for name in [*self.groups, *self.config.router.model_group_alias]]  # fmt: skip
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "mitmroute"}
+            for name in [*self.groups, *self.config.router.model_group_alias]
+        ]
         body = json.dumps({"object": "list", "data": data}).encode()
         return Reply(200, dict(JSON_HEADERS), body)
+
+    def finish_passthrough(
+        self, exchange: Exchange, status: int, body: bytes | None, usage: Usage | None
+    ) -> None:
+        """Log an exchange that went to its original host unrouted."""
+        exchange.status_code = status
+        exchange.deployment = f"passthrough/{exchange.requested_model}"
+        exchange.provider = "openai"
+        if body and usage is None:
+            with contextlib.suppress(ValueError, AttributeError):
+                usage = Usage.from_openai(json.loads(body).get("usage"))
+        exchange.usage = usage
+        if status >= 400 and exchange.error_type is None:
+            exchange.error_type = "upstream_error"
+        self.finish(exchange)
 
     def finish(self, exchange: Exchange, deployment: Deployment | None = None) -> None:
         """Close the books on an exchange and hand it to every listener."""

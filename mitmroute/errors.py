@@ -45,8 +45,9 @@ class ProxyError(Exception):
 
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> ProxyError:
-    return ProxyError(400, message, "invalid_request_error", code=code, param=param,
-                      kind="bad_request")  # fmt: skip
+    return ProxyError(
+        400, message, "invalid_request_error", code=code, param=param, kind="bad_request"
+    )
 
 
 def model_not_found(model: str) -> ProxyError:
@@ -65,13 +66,15 @@ def internal_error(message: str) -> ProxyError:
 
 
 def upstream_unreachable(message: str) -> ProxyError:
-    return ProxyError(502, message, "server_error", code="upstream_unreachable", retryable=True,
-                      kind="connect")  # fmt: skip
+    return ProxyError(
+        502, message, "server_error", code="upstream_unreachable", retryable=True, kind="connect"
+    )
 
 
 def upstream_timeout(message: str) -> ProxyError:
-    return ProxyError(504, message, "server_error", code="upstream_timeout", retryable=True,
-                      kind="timeout")  # fmt: skip
+    return ProxyError(
+        504, message, "server_error", code="upstream_timeout", retryable=True, kind="timeout"
+    )
 
 
 RETRYABLE_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
@@ -86,8 +89,11 @@ def classify_status(status: int, message: str = "", code: str | None = None) -> 
         return "timeout"
     if status >= 500:
         return "error"
-    if "context_length" in text or "context length" in text or "too many tokens" in text or (
-        "prompt is too long" in text
+    if (
+        "context_length" in text
+        or "context length" in text
+        or "too many tokens" in text
+        or ("prompt is too long" in text)
     ):
         return "context_window"
     if "content_policy" in text or "content policy" in text or "content_filter" in text:

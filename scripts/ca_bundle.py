@@ -32,8 +32,10 @@ def main() -> None:
     args = parser.parse_args()
     out = write_bundle(args.confdir, args.out)
     print(f"wrote {out}: certifi roots + {args.confdir / 'mitmproxy-ca-cert.pem'}")
-    print(f"  Python (openai, requests, httpx): export SSL_CERT_FILE={out.resolve()} "
-          f"REQUESTS_CA_BUNDLE={out.resolve()}")
+    print(
+        f"  Python (openai, requests, httpx): export SSL_CERT_FILE={out.resolve()} "
+        f"REQUESTS_CA_BUNDLE={out.resolve()}"
+    )
     print(f"  Node: export NODE_EXTRA_CA_CERTS={args.confdir / 'mitmproxy-ca-cert.pem'}")
     print(f"  curl: --cacert {out.resolve()}")
 

@@ -57,34 +57,63 @@ def backend() -> Iterator[FakeBackend]:
 def confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A mitmproxy confdir (CA) shared by every proxy of the session, and a client bundle."""
     path = tmp_path_factory.mktemp("mitmconf")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "ca_bundle.py"), "--confdir",
-                    str(path), "--out", str(path / "bundle.pem")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "ca_bundle.py"),
+            "--confdir",
+            str(path),
+            "--out",
+            str(path / "bundle.pem"),
+        ],
+        check=True,
+    )
     return path
 
 
 class Proxy:
     """A running `mitmdump -s addons/router.py` with its own config file."""
 
-    def __init__(self, config: dict[str, Any] | None, confdir: Path, workdir: Path,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: dict[str, Any] | None,
+        confdir: Path,
+        workdir: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.confdir = confdir
         self.workdir = workdir
         self.config_path = workdir / "config.yaml"
         if config is not None:
             config.setdefault("general_settings", {}).setdefault(
-                "spend_db", str(workdir / "spend.duckdb"))
+                "spend_db", str(workdir / "spend.duckdb")
+            )
             self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "mitmdump.log"
-        args = [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(self.port),
-                "--set", f"confdir={confdir}", "-s", str(ROOT / "addons" / "router.py")]  # fmt: skip
+        args = [
+            MITMDUMP,
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--set",
+            f"confdir={confdir}",
+            "-s",
+            str(ROOT / "addons" / "router.py"),
+        ]
         if config is not None:
             args += ["--set", f"router_config={self.config_path}"]
         args += extra_args or []
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(args, cwd=workdir, stdout=self._log,
-                                     stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
         try:
             wait_for_port(self.port, proc=self.proc)
         except Exception:

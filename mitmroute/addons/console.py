@@ -33,10 +33,23 @@ class Console:
     def exchange_done(exchange: Exchange) -> None:
         usage = exchange.usage
         tokens = f" {usage.prompt_tokens}+{usage.completion_tokens}tok" if usage else ""
-        flags = "".join([" stream" if exchange.stream else "", " cache" if exchange.cache_hit
-                         else "", " fallback" if exchange.fallback_used else ""])  # fmt: skip
+        flags = "".join(
+            [
+                " stream" if exchange.stream else "",
+                " cache" if exchange.cache_hit else "",
+                " fallback" if exchange.fallback_used else "",
+            ]
+        )
         error = f" {exchange.error_type}" if exchange.error_type else ""
-        log.info("%s %s -> %s %s %.1fms%s%s%s", exchange.request_id[:11],
-                 exchange.requested_model or "-", exchange.deployment or "-",
-                 exchange.status_code, exchange.latency_ms or 0.0, tokens, flags, error)  # fmt: skip
+        log.info(
+            "%s %s -> %s %s %.1fms%s%s%s",
+            exchange.request_id[:11],
+            exchange.requested_model or "-",
+            exchange.deployment or "-",
+            exchange.status_code,
+            exchange.latency_ms or 0.0,
+            tokens,
+            flags,
+            error,
+        )
         log.debug("%s attempts: %s", exchange.request_id, exchange.attempts)

@@ -17,12 +17,13 @@ from mitmproxy import ctx, exceptions, http
 from mitmroute import errors
 from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
-from mitmroute.engine import ClientRequest, Engine, Reply
+from mitmroute.engine import ClientRequest, Engine, PassthroughTap, Reply
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
 
 log = logging.getLogger("mitmroute")
 
 RELAY_KEY = "mitmroute.relay"
+PASSTHROUGH_KEY = "mitmroute.passthrough"
 IDENTITY_KEY = "mitmroute.identity"
 EXCHANGE_KEY = "mitmroute.exchange"
 
@@ -36,10 +37,12 @@ class Router:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "router_config", str, "",
+            "router_config",
+            str,
+            "",
             "mitmroute config.yaml (LiteLLM schema). Default: ./config.yaml when present, "
             "else the built-in defaults.",
-        )  # fmt: skip
+        )
 
     def configure(self, updated: set[str]) -> None:
         if self.engine is not None and "router_config" not in updated:
@@ -57,8 +60,12 @@ class Router:
         self.engine = Engine(config)
         self.engine.listeners.append(self.shared.publish_exchange)
         self.shared.publish_config(config)
-        log.info("mitmroute: %d deployments in %d groups from %s", len(config.deployments),
-                 len(self.engine.groups), config.source)  # fmt: skip
+        log.info(
+            "mitmroute: %d deployments in %d groups from %s",
+            len(config.deployments),
+            len(self.engine.groups),
+            config.source,
+        )
         if self.is_running:
             ctx.master.event_loop.create_task(self._swap(old))  # type: ignore[attr-defined]
 
@@ -88,13 +95,16 @@ class Router:
         try:
             reply = await engine.handle(self._client_request(flow))
             if reply.passthrough:
+                if reply.exchange is not None:
+                    flow.metadata[PASSTHROUGH_KEY] = PassthroughTap(reply.exchange)
                 return
             await self._respond(flow, reply)
         except Exception as e:  # fail closed: never let the flow go on unrouted
             log.exception("mitmroute: internal error")
             err = errors.internal_error(f"mitmroute internal error: {type(e).__name__}")
-            flow.response = http.Response.make(err.status, err.to_bytes(),
-                                               {"content-type": "application/json"})  # fmt: skip
+            flow.response = http.Response.make(
+                err.status, err.to_bytes(), {"content-type": "application/json"}
+            )
             return
 
     @staticmethod
@@ -106,7 +116,7 @@ class Router:
             headers=headers,
             body=flow.request.get_content(strict=False) or b"",
             identity=flow.metadata.get(IDENTITY_KEY, {}),
-        )  # fmt: skip
+        )
 
     async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
         flow.metadata[EXCHANGE_KEY] = reply.exchange
@@ -123,6 +133,25 @@ class Router:
         flow.request.content = b""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if not flow.metadata.get(RELAY_KEY) or flow.response is None:
+        if flow.response is None:
             return
-        flow.response.stream = True
+        if flow.metadata.get(RELAY_KEY):
+            flow.response.stream = True
+        elif (
+            tap := flow.metadata.get(PASSTHROUGH_KEY)
+        ) and "event-stream" in flow.response.headers.get("content-type", ""):
+            flow.response.stream = tap.observe  # stays incremental, usage is read on the way
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
+        if tap is None or self.engine is None or flow.response is None:
+            return
+        body = None if flow.response.stream else flow.response.get_content(strict=False)
+        self.engine.finish_passthrough(tap.exchange, flow.response.status_code, body, tap.usage)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
+        if tap is None or self.engine is None:
+            return
+        tap.exchange.error_type = "passthrough_failed"
+        self.engine.finish_passthrough(tap.exchange, 502, None, None)

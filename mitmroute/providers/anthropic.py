@@ -22,6 +22,7 @@ Translation choices beyond plain renames:
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -67,6 +68,8 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
     "seed": (None,),
 }  # fmt: skip
+
+TOOL_ID_INVALID = re.compile(r"[^a-zA-Z0-9_-]")  # Anthropic's tool ids match ^[a-zA-Z0-9_-]+$
 
 Block = dict[str, Any]
 Chunk = dict[str, Any]
@@ -115,8 +118,10 @@ def to_anthropic(body: dict[str, Any], model: str, *, drop_params: bool) -> dict
     if system:
         out["system"] = system
     out["messages"] = messages
-    if body.get("temperature") is not None:
-        out["temperature"] = min(max(float(body["temperature"]), 0.0), 1.0)
+    if (temperature := body.get("temperature")) is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            raise bad_request("`temperature` must be a number", param="temperature")
+        out["temperature"] = min(max(float(temperature), 0.0), 1.0)  # OpenAI allows up to 2
     out.update({k: body[k] for k in ("top_p", "top_k", "thinking") if body.get(k) is not None})
     if stop := _stop_sequences(body.get("stop")):
         out["stop_sequences"] = stop
@@ -311,14 +316,16 @@ def _tool_use(call_id: str, fn: dict[str, Any], where: str) -> Block:
         raise bad_request(f"{where} is not valid JSON: {raw[:100]!r}", param=where) from None
     if not isinstance(args, dict):
         raise bad_request(f"{where} must be a JSON object", param=where)
-    return {"type": "tool_use", "id": call_id, "name": fn.get("name"), "input": args}
+    tool_id = TOOL_ID_INVALID.sub("_", call_id)
+    return {"type": "tool_use", "id": tool_id, "name": fn.get("name"), "input": args}
 
 
 def _tool_result(call_id: str, msg: dict[str, Any], where: str) -> Block:
     content = msg.get("content")
     if not isinstance(content, str):
         content = _parts(content, where, {"text", "image_url"})
-    return {"type": "tool_result", "tool_use_id": call_id, "content": content}
+    tool_id = TOOL_ID_INVALID.sub("_", call_id)
+    return {"type": "tool_result", "tool_use_id": tool_id, "content": content}
 
 
 def _alternate(turns: list[tuple[str, list[Block]]]) -> list[Block]:

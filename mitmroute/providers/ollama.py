@@ -32,10 +32,35 @@ OPTION_NAMES = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
 }
-IGNORED = {"model", "messages", "prompt", "input", "stream", "stream_options", "user", "n",
-           "tools", "tool_choice", "response_format", "metadata", "store", "parallel_tool_calls"}  # fmt: skip
-UNSUPPORTED = {"logprobs", "top_logprobs", "logit_bias", "suffix", "echo", "best_of",
-               "modalities", "audio", "prediction", "reasoning_effort", "service_tier"}  # fmt: skip
+IGNORED = {
+    "model",
+    "messages",
+    "prompt",
+    "input",
+    "stream",
+    "stream_options",
+    "user",
+    "n",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "metadata",
+    "store",
+    "parallel_tool_calls",
+}
+UNSUPPORTED = {
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+    "suffix",
+    "echo",
+    "best_of",
+    "modalities",
+    "audio",
+    "prediction",
+    "reasoning_effort",
+    "service_tier",
+}
 DONE_REASONS = {"stop": "stop", "length": "length", "load": "stop"}
 
 
@@ -43,11 +68,11 @@ def _options(body: dict[str, Any], drop_params: bool) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for key, value in body.items():
         if key in OPTION_NAMES:
-            options[OPTION_NAMES[key]] = [value] if key == "stop" and isinstance(value, str) \
-                else value  # fmt: skip
-        elif key in UNSUPPORTED or key not in IGNORED:
-            if not drop_params and value not in (None, False):
-                raise bad_request(f"Ollama does not support the parameter `{key}`", param=key)
+            options[OPTION_NAMES[key]] = (
+                [value] if key == "stop" and isinstance(value, str) else value
+            )
+        elif key not in IGNORED and not drop_params and value not in (None, False):
+            raise bad_request(f"Ollama does not support the parameter `{key}`", param=key)
     if body.get("n", 1) not in (1, None) and not drop_params:
         raise bad_request("Ollama does not support `n` > 1", param="n")
     return options
@@ -74,27 +99,39 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
         out["content"] = content or ""
     if m.get("tool_calls"):
         out["tool_calls"] = [
-            {"function": {"name": c["function"]["name"],
-                          "arguments": json.loads(c["function"].get("arguments") or "{}")}}
+            {
+                "function": {
+                    "name": c["function"]["name"],
+                    "arguments": json.loads(c["function"].get("arguments") or "{}"),
+                }
+            }
             for c in m["tool_calls"]
-        ]  # fmt: skip
+        ]
     return out
 
 
 def _usage(payload: dict[str, Any]) -> dict[str, int]:
     prompt = int(payload.get("prompt_eval_count") or 0)
     completion = int(payload.get("eval_count") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 def _tool_calls(message: dict[str, Any]) -> list[dict[str, Any]]:
     return [
-        {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-         "function": {"name": c["function"]["name"],
-                      "arguments": json.dumps(c["function"].get("arguments") or {})}}
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"].get("arguments") or {}),
+            },
+        }
         for c in message.get("tool_calls") or ()
-    ]  # fmt: skip
+    ]
 
 
 class OllamaStream(StreamTranslator):
@@ -125,13 +162,20 @@ class OllamaStream(StreamTranslator):
 
     def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self._endpoint == CHAT else "text_completion"
-        return {"id": self._id, "object": kind, "created": self._created, "model": self._model,
-                "choices": choices, **extra}  # fmt: skip
+        return {
+            "id": self._id,
+            "object": kind,
+            "created": self._created,
+            "model": self._model,
+            "choices": choices,
+            **extra,
+        }
 
     def _line(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
         if "error" in payload:
-            raise ProxyError(502, f"ollama: {payload['error']}", "server_error",
-                             code="upstream_error")  # fmt: skip
+            raise ProxyError(
+                502, f"ollama: {payload['error']}", "server_error", code="upstream_error"
+            )
         self._model = payload.get("model", self._model)
         out = []
         if self._endpoint == CHAT:
@@ -151,14 +195,21 @@ class OllamaStream(StreamTranslator):
             if delta:
                 out.append(self._chunk([{"index": 0, "delta": delta, "finish_reason": None}]))
         elif payload.get("response"):
-            out.append(self._chunk([{"index": 0, "text": payload["response"],
-                                     "finish_reason": None}]))  # fmt: skip
+            out.append(
+                self._chunk([{"index": 0, "text": payload["response"], "finish_reason": None}])
+            )
         if payload.get("done"):
-            reason = "tool_calls" if self._tool_index else DONE_REASONS.get(
-                payload.get("done_reason", "stop"), "stop")  # fmt: skip
+            reason = (
+                "tool_calls"
+                if self._tool_index
+                else DONE_REASONS.get(payload.get("done_reason", "stop"), "stop")
+            )
             key = "delta" if self._endpoint == CHAT else "text"
-            out.append(self._chunk([{"index": 0, key: {} if key == "delta" else "",
-                                     "finish_reason": reason}]))  # fmt: skip
+            out.append(
+                self._chunk(
+                    [{"index": 0, key: {} if key == "delta" else "", "finish_reason": reason}]
+                )
+            )
             out.append(self._chunk([], usage=_usage(payload)))
             self._done = True
         return out
@@ -199,18 +250,33 @@ class OllamaProvider(Provider):
         created = int(time.time())
         model = payload.get("model", deployment.model)
         if endpoint == EMBEDDINGS:
-            data = [{"object": "embedding", "index": i, "embedding": e}
-                    for i, e in enumerate(payload.get("embeddings") or ())]  # fmt: skip
+            data = [
+                {"object": "embedding", "index": i, "embedding": e}
+                for i, e in enumerate(payload.get("embeddings") or ())
+            ]
             prompt = int(payload.get("prompt_eval_count") or 0)
-            return {"object": "list", "data": data, "model": model,
-                    "usage": {"prompt_tokens": prompt, "total_tokens": prompt}}  # fmt: skip
+            return {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+            }
         reason = DONE_REASONS.get(payload.get("done_reason", "stop"), "stop")
         if endpoint == COMPLETIONS:
-            choice = {"index": 0, "text": payload.get("response", ""), "finish_reason": reason,
-                      "logprobs": None}  # fmt: skip
-            return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                    "created": created, "model": model, "choices": [choice],
-                    "usage": _usage(payload)}  # fmt: skip
+            choice = {
+                "index": 0,
+                "text": payload.get("response", ""),
+                "finish_reason": reason,
+                "logprobs": None,
+            }
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+                "usage": _usage(payload),
+            }
         message = payload.get("message") or {}
         calls = _tool_calls(message)
         out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
@@ -222,8 +288,9 @@ class OllamaProvider(Provider):
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "message": out_message, "finish_reason": reason,
-                         "logprobs": None}],  # fmt: skip
+            "choices": [
+                {"index": 0, "message": out_message, "finish_reason": reason, "logprobs": None}
+            ],
             "usage": _usage(payload),
         }
 
@@ -234,8 +301,13 @@ class OllamaProvider(Provider):
         if isinstance(payload, dict) and isinstance(payload.get("error"), str):
             payload = {"error": {"message": f"ollama: {payload['error']}"}}
         if status == 404:
-            return ProxyError(404, _message_of(payload), "invalid_request_error",
-                              code="model_not_found", kind="bad_request")  # fmt: skip
+            return ProxyError(
+                404,
+                _message_of(payload),
+                "invalid_request_error",
+                code="model_not_found",
+                kind="bad_request",
+            )
         return super().error(status, payload)
 
 

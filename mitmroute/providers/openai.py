@@ -47,8 +47,12 @@ class OpenAIStream(StreamTranslator):
             try:
                 chunk = json.loads(event.data)
             except ValueError:
-                raise ProxyError(502, f"upstream sent invalid stream data: {event.data[:200]!r}",
-                                 "server_error", code="bad_upstream_stream") from None  # fmt: skip
+                raise ProxyError(
+                    502,
+                    f"upstream sent invalid stream data: {event.data[:200]!r}",
+                    "server_error",
+                    code="bad_upstream_stream",
+                ) from None
             if isinstance(chunk, dict) and "error" in chunk:
                 status = chunk["error"].get("status") if isinstance(chunk["error"], dict) else None
                 raise upstream_error(int(status or 500), chunk, provider=self._provider)
@@ -84,11 +88,21 @@ class OpenAIProvider(Provider):
         try:
             body = json.loads(raw)
         except ValueError:
-            raise ProxyError(502, "upstream answered with invalid JSON", "server_error",
-                             code="bad_upstream_response", retryable=True) from None  # fmt: skip
+            raise ProxyError(
+                502,
+                "upstream answered with invalid JSON",
+                "server_error",
+                code="bad_upstream_response",
+                retryable=True,
+            ) from None
         if not isinstance(body, dict):
-            raise ProxyError(502, "upstream answered with a non-object JSON body", "server_error",
-                             code="bad_upstream_response", retryable=True)  # fmt: skip
+            raise ProxyError(
+                502,
+                "upstream answered with a non-object JSON body",
+                "server_error",
+                code="bad_upstream_response",
+                retryable=True,
+            )
         return body
 
     def stream(self, endpoint: str, deployment: Deployment) -> StreamTranslator:

@@ -15,8 +15,12 @@ FAIL_WINDOW = 60.0
 class Cooldowns:
     """Counts recent failures per deployment; `allowed_fails` in a minute cools it down."""
 
-    def __init__(self, allowed_fails: int = 3, cooldown_time: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        allowed_fails: int = 3,
+        cooldown_time: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.allowed_fails = allowed_fails
         self.cooldown_time = cooldown_time
         self._clock = clock
@@ -55,8 +59,9 @@ class Cooldowns:
     def _cool(self, deployment_id: str, seconds: float, reason: str) -> None:
         if seconds <= 0:
             return
-        self._until[deployment_id] = max(self._until.get(deployment_id, 0.0),
-                                         self._clock() + seconds)  # fmt: skip
+        self._until[deployment_id] = max(
+            self._until.get(deployment_id, 0.0), self._clock() + seconds
+        )
         log.warning("deployment %s cooling down for %.1fs (%s)", deployment_id, seconds, reason)
         for listener in self.listeners:
             listener(deployment_id, seconds, reason)

@@ -12,8 +12,9 @@ from mitmroute.routing.cooldown import Cooldowns
 class DeploymentPicker:
     """Weighted random choice among healthy deployments (weight, else rpm), untried ones first."""
 
-    def __init__(self, cooldowns: Cooldowns,
-                 at_limit: Callable[[Deployment], bool] | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, cooldowns: Cooldowns, at_limit: Callable[[Deployment], bool] | None = None
+    ) -> None:
         self.cooldowns = cooldowns
         self.at_limit = at_limit or (lambda d: False)
         self._random = random.Random()
@@ -21,8 +22,9 @@ class DeploymentPicker:
     def healthy(self, deployments: Sequence[Deployment]) -> list[Deployment]:
         return [d for d in deployments if not self.cooldowns.cooling(d.id) and not self.at_limit(d)]
 
-    def pick(self, deployments: Sequence[Deployment],
-             tried: set[str] = frozenset()) -> Deployment | None:  # type: ignore[assignment]  # fmt: skip
+    def pick(
+        self, deployments: Sequence[Deployment], tried: set[str] = frozenset()
+    ) -> Deployment | None:  # type: ignore[assignment]
         """A healthy deployment, preferring ones this request has not tried; None if none."""
         candidates = self.healthy(deployments)
         if not candidates:

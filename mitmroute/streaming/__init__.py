@@ -1,1 +1,1 @@
-"""Streaming: the SSE wire format, chunk assembly, and the loopback relay that streams to clients."""
+"""Streaming: the SSE wire format, chunk assembly, and the loopback relay to clients."""

@@ -79,8 +79,9 @@ class StreamRelay:
         finally:
             writer.close()
 
-    async def _answer(self, head: bytes, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> bool:  # fmt: skip
+    async def _answer(
+        self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         parts = request_line.split(" ")
         path = parts[1] if len(parts) > 1 else "/"

@@ -103,8 +103,14 @@ class ChunkAssembler:
     def _add_choice(self, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
         acc = self._choices.setdefault(
-            index, {"role": "assistant", "content": None, "tool_calls": {}, "finish_reason": None,
-                    "refusal": None}  # fmt: skip
+            index,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": {},
+                "finish_reason": None,
+                "refusal": None,
+            },
         )
         delta = choice.get("delta") or {}
         if delta.get("role"):
@@ -153,8 +159,12 @@ class ChunkAssembler:
             if c["tool_calls"]:
                 message["tool_calls"] = [c["tool_calls"][i] for i in sorted(c["tool_calls"])]
             choices.append(
-                {"index": index, "message": message, "finish_reason": c["finish_reason"],
-                 "logprobs": None}  # fmt: skip
+                {
+                    "index": index,
+                    "message": message,
+                    "finish_reason": c["finish_reason"],
+                    "logprobs": None,
+                }
             )
         body: dict[str, Any] = {
             "id": self.id,

@@ -38,11 +38,11 @@ def test_local_cache_hit_skips_the_backend_and_says_so(start_proxy, backend):
     proxy = start_proxy(cached_config(backend))
     messages = unique_messages()
     with proxy.client() as client:
-        first = client.chat.completions.with_raw_response.create(model="gpt-4o",
-                                                                 messages=messages)  # fmt: skip
+        first = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
         before = calls(backend, "cache-model")
         second = client.chat.completions.with_raw_response.create(
-            model="gpt-4o", messages=messages, user="someone-else", temperature=None)
+            model="gpt-4o", messages=messages, user="someone-else", temperature=None
+        )
     assert first.headers["x-mitmroute-cache"] == "MISS"
     assert second.headers["x-mitmroute-cache"] == "HIT"
     assert second.headers["x-mitmroute-cache-key"] == first.headers["x-mitmroute-cache-key"]
@@ -52,20 +52,23 @@ def test_local_cache_hit_skips_the_backend_and_says_so(start_proxy, backend):
 
 def test_streamed_hit_is_a_real_multi_chunk_stream(start_proxy, backend):
     proxy = start_proxy(cached_config(backend))
-    messages = [{"role": "user", "content": "a streamed answer of several words " +
-                 uuid.uuid4().hex[:6]}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "a streamed answer of several words " + uuid.uuid4().hex[:6]}
+    ]
     with proxy.client() as client:
         plain = client.chat.completions.create(model="gpt-4o", messages=messages)
         raw = client.chat.completions.with_raw_response.create(
-            model="gpt-4o", messages=messages, stream=True,
-            stream_options={"include_usage": True})  # fmt: skip
+            model="gpt-4o", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
         chunks = list(raw.parse())
     assert raw.headers["x-mitmroute-cache"] == "HIT"
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(content_chunks) > 3
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content for c in content_chunks) == \
-        plain.choices[0].message.content  # fmt: skip
+    assert (
+        "".join(c.choices[0].delta.content for c in content_chunks)
+        == plain.choices[0].message.content
+    )
     assert chunks[-1].usage.total_tokens == plain.usage.total_tokens
 
 
@@ -73,8 +76,11 @@ def test_streamed_answer_is_cached_for_a_plain_request(start_proxy, backend):
     proxy = start_proxy(cached_config(backend))
     messages = unique_messages()
     with proxy.client() as client:
-        text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="gpt-4o", messages=messages, stream=True) if c.choices)  # fmt: skip
+        text = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(model="gpt-4o", messages=messages, stream=True)
+            if c.choices
+        )
         time.sleep(0.1)
         raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
     assert raw.headers["x-mitmroute-cache"] == "HIT"
@@ -85,9 +91,11 @@ def test_per_request_controls(start_proxy, backend):
     proxy = start_proxy(cached_config(backend))
     messages = unique_messages()
     with proxy.client() as client:
+
         def ask(**kw):
             return client.chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=messages, **kw).headers["x-mitmroute-cache"]
+                model="gpt-4o", messages=messages, **kw
+            ).headers["x-mitmroute-cache"]
 
         assert ask(extra_body={"cache": {"no-store": True}}) == "MISS"
         assert ask() == "MISS"  # nothing was stored
@@ -107,9 +115,9 @@ def test_concurrent_identical_requests_reach_the_backend_once(start_proxy, backe
 
     async def run():
         async with proxy.async_client() as client:
-            return await asyncio.gather(*[
-                client.chat.completions.create(model="slow", messages=messages)
-                for _ in range(8)])  # fmt: skip
+            return await asyncio.gather(
+                *[client.chat.completions.create(model="slow", messages=messages) for _ in range(8)]
+            )
 
     results = asyncio.run(run())
     assert len({r.choices[0].message.content for r in results}) == 1
@@ -118,8 +126,7 @@ def test_concurrent_identical_requests_reach_the_backend_once(start_proxy, backe
 
 def test_redis_cache_is_shared_by_two_proxies_and_expires(start_proxy, backend):
     namespace = f"test-{uuid.uuid4().hex[:8]}"
-    params = {"type": "redis", "host": "127.0.0.1", "port": 6379, "ttl": 1,
-              "namespace": namespace}  # fmt: skip
+    params = {"type": "redis", "host": "127.0.0.1", "port": 6379, "ttl": 1, "namespace": namespace}
     first_proxy = start_proxy(cached_config(backend, params))
     second_proxy = start_proxy(cached_config(backend, params))
     messages = unique_messages()
@@ -129,8 +136,7 @@ def test_redis_cache_is_shared_by_two_proxies_and_expires(start_proxy, backend):
             time.sleep(0.1)
             hit = b.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
             time.sleep(1.2)
-            expired = b.chat.completions.with_raw_response.create(model="gpt-4o",
-                                                                  messages=messages)  # fmt: skip
+            expired = b.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
         assert miss.headers["x-mitmroute-cache"] == "MISS"
         assert hit.headers["x-mitmroute-cache"] == "HIT"
         assert expired.headers["x-mitmroute-cache"] == "MISS"
@@ -144,13 +150,25 @@ def test_redis_cache_is_shared_by_two_proxies_and_expires(start_proxy, backend):
 def test_redis_outage_never_fails_a_request(start_proxy, backend, tmp_path):
     assert shutil.which("redis-server"), "redis-server must be installed on this machine kind"
     port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no", "--dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(tmp_path),
+    ]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port)
-        proxy = start_proxy(cached_config(backend, {"type": "redis", "host": "127.0.0.1",
-                                                    "port": port}))  # fmt: skip
+        proxy = start_proxy(
+            cached_config(backend, {"type": "redis", "host": "127.0.0.1", "port": port})
+        )
         with proxy.client() as client:
             messages = unique_messages()
             client.chat.completions.create(model="gpt-4o", messages=messages)
@@ -158,16 +176,16 @@ def test_redis_outage_never_fails_a_request(start_proxy, backend, tmp_path):
             server.wait(5)
             for i in range(5):
                 t0 = time.perf_counter()
-                answer = client.chat.completions.create(model="gpt-4o",
-                                                        messages=unique_messages())  # fmt: skip
+                answer = client.chat.completions.create(model="gpt-4o", messages=unique_messages())
                 assert answer.choices[0].message.content.startswith("echo:")
                 assert time.perf_counter() - t0 < 0.5, f"request {i} slowed by the outage"
             server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
             wait_for_port(port)
             time.sleep(1.5)  # the breaker probes about once a second
             client.chat.completions.create(model="gpt-4o", messages=messages)
-            again = client.chat.completions.with_raw_response.create(model="gpt-4o",
-                                                                     messages=messages)  # fmt: skip
+            again = client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=messages
+            )
         assert again.headers["x-mitmroute-cache"] == "HIT"  # reconnected by itself
         assert proxy.logs().count("redis unavailable") == 1
     finally:
@@ -180,9 +198,11 @@ def test_default_off_mode_caches_only_on_request(start_proxy, backend, mode):
     proxy = start_proxy(cached_config(backend, {"type": "local", "mode": mode}))
     messages = unique_messages()
     with proxy.client() as client:
+
         def ask(**kw):
             return client.chat.completions.with_raw_response.create(
-                model="gpt-4o", messages=messages, **kw).headers.get("x-mitmroute-cache")
+                model="gpt-4o", messages=messages, **kw
+            ).headers.get("x-mitmroute-cache")
 
         assert ask() in (None, "MISS")
         assert ask() in (None, "MISS")

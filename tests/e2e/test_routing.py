@@ -39,7 +39,8 @@ def routed(backend, confdir, tmp_path_factory):
 def test_chat_completion_is_answered_by_the_configured_backend(routed, backend):
     with routed.client() as client:
         raw = client.chat.completions.with_raw_response.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "hello world"}])
+            model="gpt-4o", messages=[{"role": "user", "content": "hello world"}]
+        )
     completion = raw.parse()
     assert completion.choices[0].message.content == "echo: hello world"
     assert completion.model == "ok-model"  # the model that answered
@@ -53,8 +54,7 @@ def test_chat_completion_is_answered_by_the_configured_backend(routed, backend):
 
 def test_client_key_is_forwarded_only_when_the_deployment_has_none(routed, backend):
     with routed.client(api_key="sk-client-own") as client:
-        client.chat.completions.create(model="no-key",
-                                       messages=[{"role": "user", "content": "x"}])  # fmt: skip
+        client.chat.completions.create(model="no-key", messages=[{"role": "user", "content": "x"}])
     assert backend.state.headers[-1]["authorization"] == "Bearer sk-client-own"
 
 
@@ -63,14 +63,19 @@ def test_async_client_and_model_group_alias(routed):
 
     async def run():
         async with routed.async_client() as client:
-            return await asyncio.gather(*[
-                client.chat.completions.create(
-                    model="gpt-4o-alias", messages=[{"role": "user", "content": f"n {i}"}])
-                for i in range(5)])  # fmt: skip
+            return await asyncio.gather(
+                *[
+                    client.chat.completions.create(
+                        model="gpt-4o-alias", messages=[{"role": "user", "content": f"n {i}"}]
+                    )
+                    for i in range(5)
+                ]
+            )
 
     results = asyncio.run(run())
     assert sorted(r.choices[0].message.content for r in results) == [
-        f"echo: n {i}" for i in range(5)]
+        f"echo: n {i}" for i in range(5)
+    ]
 
 
 def test_streamed_chat_arrives_incrementally(routed):
@@ -78,8 +83,10 @@ def test_streamed_chat_arrives_incrementally(routed):
     with routed.client() as client:
         t0 = time.perf_counter()
         stream = client.chat.completions.create(
-            model="slow", stream=True,
-            messages=[{"role": "user", "content": "one two three four five"}])
+            model="slow",
+            stream=True,
+            messages=[{"role": "user", "content": "one two three four five"}],
+        )
         arrivals, text = [], ""
         for chunk in stream:
             arrivals.append(time.perf_counter() - t0)
@@ -92,11 +99,19 @@ def test_streamed_chat_arrives_incrementally(routed):
 
 def test_stream_usage_chunk_only_when_asked(routed):
     with routed.client() as client:
-        plain = list(client.chat.completions.create(
-            model="gpt-4o", stream=True, messages=[{"role": "user", "content": "a b"}]))
-        asked = list(client.chat.completions.create(
-            model="gpt-4o", stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "a b"}]))  # fmt: skip
+        plain = list(
+            client.chat.completions.create(
+                model="gpt-4o", stream=True, messages=[{"role": "user", "content": "a b"}]
+            )
+        )
+        asked = list(
+            client.chat.completions.create(
+                model="gpt-4o",
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "a b"}],
+            )
+        )
     assert all(c.usage is None for c in plain)
     assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 3
 
@@ -105,10 +120,16 @@ def test_stream_usage_chunk_only_when_asked(routed):
 def test_ollama_native_api_becomes_openai(routed, backend, group):
     with routed.client() as client:
         done = client.chat.completions.create(
-            model=group, messages=[{"role": "user", "content": "hi ollama"}])
-        chunks = list(client.chat.completions.create(
-            model=group, stream=True, stream_options={"include_usage": True},
-            messages=[{"role": "user", "content": "hi ollama"}]))  # fmt: skip
+            model=group, messages=[{"role": "user", "content": "hi ollama"}]
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model=group,
+                stream=True,
+                stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "hi ollama"}],
+            )
+        )
     assert done.choices[0].message.content == "echo: hi ollama"
     assert done.usage.prompt_tokens == 2 and done.usage.completion_tokens == 3
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -151,8 +172,11 @@ def test_unknown_model_is_404_when_passthrough_is_off(routed):
 )
 def test_bad_input_gets_an_openai_shaped_400(routed, body, param):
     with routed.http() as http:
-        resp = http.post("https://api.openai.com/v1/chat/completions", content=body,
-                         headers={"content-type": "application/json"})  # fmt: skip
+        resp = http.post(
+            "https://api.openai.com/v1/chat/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
     assert resp.status_code == 400
     error = resp.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -162,8 +186,12 @@ def test_bad_input_gets_an_openai_shaped_400(routed, body, param):
 
 def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy):
     dead = f"http://127.0.0.1:{_closed_port()}/v1"
-    proxy = start_proxy({"model_list": [deployment("gpt-4o", "openai/x", dead, api_key="k")],
-                         "router_settings": {"num_retries": 0}})  # fmt: skip
+    proxy = start_proxy(
+        {
+            "model_list": [deployment("gpt-4o", "openai/x", dead, api_key="k")],
+            "router_settings": {"num_retries": 0},
+        }
+    )
     with proxy.client() as client, pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 503
@@ -172,10 +200,23 @@ def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy):
 
 def test_curl_through_the_proxy(routed):
     out = subprocess.run(
-        ["curl", "-s", "--proxy", routed.url, "--cacert", routed.ca_bundle,
-         "https://api.openai.com/v1/chat/completions", "-H", "content-type: application/json",
-         "-d", json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "curl"}]})],
-        capture_output=True, check=True, timeout=30)  # fmt: skip
+        [
+            "curl",
+            "-s",
+            "--proxy",
+            routed.url,
+            "--cacert",
+            routed.ca_bundle,
+            "https://api.openai.com/v1/chat/completions",
+            "-H",
+            "content-type: application/json",
+            "-d",
+            json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "curl"}]}),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=30,
+    )
     assert json.loads(out.stdout)["choices"][0]["message"]["content"] == "echo: curl"
 
 
@@ -189,8 +230,9 @@ def test_other_hosts_pass_through_untouched(routed, backend):
 
 def test_terminal_shows_one_line_per_exchange(routed):
     with routed.client() as client:
-        client.chat.completions.create(model="gpt-4o",
-                                       messages=[{"role": "user", "content": "log me"}])  # fmt: skip
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "log me"}]
+        )
     time.sleep(0.2)
     lines = [line for line in routed.logs().splitlines() if "gpt-4o -> openai/ok-model 200" in line]
     assert lines
@@ -205,27 +247,32 @@ def _closed_port() -> int:
 
 def test_reverse_mode_for_clients_that_can_set_a_base_url(start_proxy, backend):
     proxy = start_proxy(
-        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1",
-                                   api_key="k")]},
-        extra_args=["--mode", "reverse:https://api.openai.com"])  # fmt: skip
+        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1", api_key="k")]},
+        extra_args=["--mode", "reverse:https://api.openai.com"],
+    )
     client = openai.OpenAI(api_key="sk-x", base_url=f"{proxy.url}/v1", max_retries=0)
     with client:
         completion = client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "reverse"}])
-        chunks = list(client.chat.completions.create(
-            model="gpt-4o", stream=True, messages=[{"role": "user", "content": "reverse"}]))
+            model="gpt-4o", messages=[{"role": "user", "content": "reverse"}]
+        )
+        chunks = list(
+            client.chat.completions.create(
+                model="gpt-4o", stream=True, messages=[{"role": "user", "content": "reverse"}]
+            )
+        )
     assert completion.choices[0].message.content == "echo: reverse"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "echo: reverse"
 
 
 def test_allow_hosts_decrypts_only_intercepted_hosts(start_proxy, backend):
     proxy = start_proxy(
-        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1",
-                                   api_key="k")]},
-        extra_args=["--allow-hosts", r"^api\.openai\.com:443$"])  # fmt: skip
+        {"model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1", api_key="k")]},
+        extra_args=["--allow-hosts", r"^api\.openai\.com:443$"],
+    )
     with proxy.client() as client:
         completion = client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "allowed"}])
+            model="gpt-4o", messages=[{"role": "user", "content": "allowed"}]
+        )
     assert completion.choices[0].message.content == "echo: allowed"
 
 
@@ -233,11 +280,25 @@ def test_config_error_stops_start_up_naming_the_key(tmp_path, confdir):
     from tests.conftest import MITMDUMP, ROOT, free_port
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model_list:\n  - model_name: a\n    litellm_params:\n      model: openai/x\n"
-                   "      api_base: nope\n")  # fmt: skip
-    out = subprocess.run([MITMDUMP, "-p", str(free_port()), "--set", f"confdir={confdir}",
-                          "-s", str(ROOT / "addons" / "router.py"),
-                          "--set", f"router_config={bad}"],
-                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    bad.write_text(
+        "model_list:\n  - model_name: a\n    litellm_params:\n      model: openai/x\n"
+        "      api_base: nope\n"
+    )
+    out = subprocess.run(
+        [
+            MITMDUMP,
+            "-p",
+            str(free_port()),
+            "--set",
+            f"confdir={confdir}",
+            "-s",
+            str(ROOT / "addons" / "router.py"),
+            "--set",
+            f"router_config={bad}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode != 0
     assert "model_list[0].litellm_params.api_base: not a URL" in out.stderr + out.stdout

@@ -30,7 +30,7 @@ Scripted behaviours, chosen by the text of the last user turn (case-insensitive)
     "slow"           a 200 ms pause before each content delta (one pause when not streaming)
     "break"          stream: a little text, then an `error` event (overloaded_error), then EOF
     "cut"            stream: a little text, then EOF without message_delta / message_stop
-    tool results     (a last user turn made of tool_result blocks) "Got the tool result: ..."
+    tool results     (a last user turn with tool_result blocks) "Got the tool result: ..."
     anything else    "Hello from fake Claude! You said: <text>"
 
 The text is cut at the first stop sequence (stop_reason "stop_sequence") and at `max_tokens`
@@ -152,7 +152,8 @@ def check_body(body: Any, version: str) -> None:
             raise Reject(400, f"{key}: is not supported with anthropic-version {version}")
     for key, top in (("temperature", 1.0), ("top_p", 1.0), ("top_k", math.inf)):
         value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not 0 <= value <= top):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and 0 <= value <= top):
             raise Reject(400, f"{key}: Input should be between 0 and {top}")
     _check_system(body.get("system"))
     stops = body.get("stop_sequences", [])
@@ -470,7 +471,12 @@ class FakeAnthropic:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        body = error_body(404, f"Not found: {request.path}", "not_found_error", "req_fake_404")
+        return web.json_response(body, status=404)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         n = len(self.requests)

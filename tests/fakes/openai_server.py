@@ -60,32 +60,56 @@ class Behaviour:
     def usage(self, prompt: int, completion: int) -> dict[str, int]:
         self.prompt_tokens += prompt
         self.completion_tokens += completion
-        return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "total_tokens": prompt + completion}  # fmt: skip
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
 
 
 async def _fault(model: str, state: Behaviour, request: web.Request) -> web.StreamResponse | None:
     """The error answer a model name asks for, or None to answer normally."""
     if model.startswith("fail-"):
         status = int(model.split("-", 1)[1])
-        return web.json_response({"error": {"message": f"fake failure {status}",
-                                            "type": "server_error", "code": None}},
-                                 status=status)  # fmt: skip
+        return web.json_response(
+            {"error": {"message": f"fake failure {status}", "type": "server_error", "code": None}},
+            status=status,
+        )
     if model.startswith("ratelimit-"):
         return web.json_response(
-            {"error": {"message": "Rate limit reached", "type": "requests",
-                       "code": "rate_limit_exceeded"}},
-            status=429, headers={"retry-after": model.split("-", 1)[1]})  # fmt: skip
+            {
+                "error": {
+                    "message": "Rate limit reached",
+                    "type": "requests",
+                    "code": "rate_limit_exceeded",
+                }
+            },
+            status=429,
+            headers={"retry-after": model.split("-", 1)[1]},
+        )
     if model == "context":
-        return web.json_response({"error": {
-            "message": "This model's maximum context length is 10 tokens.",
-            "type": "invalid_request_error", "code": "context_length_exceeded",
-            "param": "messages"}}, status=400)  # fmt: skip
+        return web.json_response(
+            {
+                "error": {
+                    "message": "This model's maximum context length is 10 tokens.",
+                    "type": "invalid_request_error",
+                    "code": "context_length_exceeded",
+                    "param": "messages",
+                }
+            },
+            status=400,
+        )
     if model == "policy":
-        return web.json_response({"error": {"message": "rejected by content policy",
-                                            "type": "invalid_request_error",
-                                            "code": "content_policy_violation"}},
-                                 status=400)  # fmt: skip
+        return web.json_response(
+            {
+                "error": {
+                    "message": "rejected by content policy",
+                    "type": "invalid_request_error",
+                    "code": "content_policy_violation",
+                }
+            },
+            status=400,
+        )
     if model == "reset":
         assert request.transport is not None
         request.transport.abort()
@@ -96,8 +120,9 @@ async def _fault(model: str, state: Behaviour, request: web.Request) -> web.Stre
         left = state.flaky.setdefault(model, int(model.split("-", 1)[1]))
         if left > 0:
             state.flaky[model] = left - 1
-            return web.json_response({"error": {"message": "flaky", "type": "server_error"}},
-                                     status=503)  # fmt: skip
+            return web.json_response(
+                {"error": {"message": "flaky", "type": "server_error"}}, status=503
+            )
     return None
 
 
@@ -108,8 +133,9 @@ def _answer_words(body: dict[str, Any]) -> tuple[list[str], int]:
         text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
         return ["echo:", *text.split()], _words(text)
     prompt_words = sum(_words(_text_of(m.get("content"))) for m in messages)
-    last = next((_text_of(m.get("content")) for m in reversed(messages)
-                 if m.get("role") == "user"), "")  # fmt: skip
+    last = next(
+        (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+    )
     return ["echo:", *last.split()], prompt_words
 
 
@@ -129,12 +155,22 @@ def make_app(state: Behaviour) -> web.Application:
             await asyncio.sleep(delay * len(words))
             text = " ".join(words)
             choice: dict[str, Any] = (
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": "stop", "logprobs": None} if is_chat else
-                {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})  # fmt: skip
-            out: dict[str, Any] = {"id": cid, "object": "chat.completion" if is_chat
-                                   else "text_completion", "created": created, "model": model,
-                                   "choices": [choice]}  # fmt: skip
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+                if is_chat
+                else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+            )
+            out: dict[str, Any] = {
+                "id": cid,
+                "object": "chat.completion" if is_chat else "text_completion",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
             if model != "no-usage":
                 out["usage"] = state.usage(prompt_tokens, len(words))
             return web.json_response(out)
@@ -143,19 +179,29 @@ def make_app(state: Behaviour) -> web.Application:
         kind = "chat.completion.chunk" if is_chat else "text_completion"
 
         async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
-            chunk = {"id": cid, "object": kind, "created": created, "model": model,
-                     "choices": choices, **extra}  # fmt: skip
+            chunk = {
+                "id": cid,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
 
         def piece(text: str, finish: str | None = None) -> dict[str, Any]:
             if is_chat:
-                return {"index": 0, "delta": {"content": text} if text else {},
-                        "finish_reason": finish}  # fmt: skip
+                return {
+                    "index": 0,
+                    "delta": {"content": text} if text else {},
+                    "finish_reason": finish,
+                }
             return {"index": 0, "text": text, "finish_reason": finish}
 
         if is_chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                         "finish_reason": None}])  # fmt: skip
+            await send(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
         for i, word in enumerate(words):
             if delay:
                 await asyncio.sleep(delay)
@@ -178,13 +224,20 @@ def make_app(state: Behaviour) -> web.Application:
         if (fault := await _fault(body.get("model", ""), state, request)) is not None:
             return fault
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                for i, _ in enumerate(inputs)]  # fmt: skip
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+            for i, _ in enumerate(inputs)
+        ]
         tokens = sum(_words(str(x)) for x in inputs)
         usage = state.usage(tokens, 0)
-        return web.json_response({"object": "list", "data": data, "model": body["model"],
-                                  "usage": {"prompt_tokens": tokens,
-                                            "total_tokens": usage["total_tokens"]}})  # fmt: skip
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": usage["total_tokens"]},
+            }
+        )
 
     async def ollama_chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -195,24 +248,36 @@ def make_app(state: Behaviour) -> web.Application:
         if "stream" not in body:
             return web.json_response({"error": "test fake wants `stream` explicit"}, status=400)
         words, prompt_tokens = _answer_words(body)
-        final = {"model": model, "created_at": "2026-11-24T00:00:00Z", "done": True,
-                 "done_reason": "stop", "prompt_eval_count": prompt_tokens,
-                 "eval_count": len(words)}  # fmt: skip
+        final = {
+            "model": model,
+            "created_at": "2026-11-24T00:00:00Z",
+            "done": True,
+            "done_reason": "stop",
+            "prompt_eval_count": prompt_tokens,
+            "eval_count": len(words),
+        }
         state.usage(prompt_tokens, len(words))
         is_chat = request.path == "/api/chat"
         if not body["stream"]:
             text = " ".join(words)
-            payload = ({"message": {"role": "assistant", "content": text}} if is_chat
-                       else {"response": text})  # fmt: skip
+            payload = (
+                {"message": {"role": "assistant", "content": text}}
+                if is_chat
+                else {"response": text}
+            )
             return web.json_response({**final, **payload})
         resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await resp.prepare(request)
         for i, word in enumerate(words):
             text = word if i == 0 else " " + word
-            payload = ({"message": {"role": "assistant", "content": text}} if is_chat
-                       else {"response": text})  # fmt: skip
-            await resp.write(json.dumps({"model": model, "done": False, **payload}).encode()
-                             + b"\n")  # fmt: skip
+            payload = (
+                {"message": {"role": "assistant", "content": text}}
+                if is_chat
+                else {"response": text}
+            )
+            await resp.write(
+                json.dumps({"model": model, "done": False, **payload}).encode() + b"\n"
+            )
         end = {"message": {"role": "assistant", "content": ""}} if is_chat else {"response": ""}
         await resp.write(json.dumps({**final, **end}).encode() + b"\n")
         await resp.write_eof()
@@ -224,13 +289,23 @@ def make_app(state: Behaviour) -> web.Application:
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         tokens = sum(_words(str(x)) for x in inputs)
         state.usage(tokens, 0)
-        return web.json_response({"model": body["model"], "prompt_eval_count": tokens,
-                                  "embeddings": [[0.5, 0.5] for _ in inputs]})  # fmt: skip
+        return web.json_response(
+            {
+                "model": body["model"],
+                "prompt_eval_count": tokens,
+                "embeddings": [[0.5, 0.5] for _ in inputs],
+            }
+        )
 
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"requests": state.requests, "headers": state.headers,
-                                  "prompt_tokens": state.prompt_tokens,
-                                  "completion_tokens": state.completion_tokens})  # fmt: skip
+        return web.json_response(
+            {
+                "requests": state.requests,
+                "headers": state.headers,
+                "prompt_tokens": state.prompt_tokens,
+                "completion_tokens": state.completion_tokens,
+            }
+        )
 
     async def reset(request: web.Request) -> web.Response:
         state.__init__()  # type: ignore[misc]
@@ -283,8 +358,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    web.run_app(make_app(Behaviour()), host="127.0.0.1", port=args.port, access_log=None,
-                print=lambda *_: None)  # fmt: skip
+    web.run_app(
+        make_app(Behaviour()),
+        host="127.0.0.1",
+        port=args.port,
+        access_log=None,
+        print=lambda *_: None,
+    )
 
 
 if __name__ == "__main__":

@@ -162,6 +162,15 @@ def test_max_tokens_and_sampling_params() -> None:
     assert low["max_tokens"] == 7 and low["temperature"] == 0.0 and low["stop_sequences"] == ["a"]
 
 
+@pytest.mark.parametrize(("param", "value"), [
+    ("temperature", "hot"), ("max_tokens", 0), ("max_completion_tokens", 1.5), ("stop", 3),
+])  # fmt: skip
+def test_bad_values_are_a_400(param: str, value: Any) -> None:
+    with pytest.raises(ProxyError) as e:
+        build({"messages": [user("hi")], param: value})
+    assert (e.value.status, e.value.param) == (400, param)
+
+
 def test_system_and_developer_messages_keep_order() -> None:
     two = [{"type": "text", "text": "two"}]
     payload = build({"messages": [{"role": "system", "content": "one"}, user("hi"),
@@ -223,6 +232,15 @@ def test_multi_turn_tool_use() -> None:
     assert results["content"][1]["content"][0]["cache_control"] == {"type": "ephemeral"}
     assert payload["tools"] == [{"name": "get_weather", "description": "Weather",
                                  "input_schema": TOOLS[0]["function"]["parameters"]}]  # fmt: skip
+
+
+def test_tool_ids_are_made_valid_for_anthropic() -> None:
+    call = {"id": "functions.get_weather:0", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{}"}}  # fmt: skip
+    result = {"role": "tool", "tool_call_id": call["id"], "content": "ok"}
+    payload = build({"messages": [user("x"), {"role": "assistant", "tool_calls": [call]}, result]})
+    use, result = payload["messages"][1]["content"][0], payload["messages"][2]["content"][0]
+    assert use["id"] == result["tool_use_id"] == "functions_get_weather_0"
 
 
 def test_invalid_tool_arguments_are_a_400() -> None:

@@ -42,32 +42,58 @@ def test_seed_production_config_loads_with_its_env_vars():
 
 
 def test_missing_env_var_names_the_key_path():
-    with pytest.raises(ConfigError, match=r"model_list\[0\]\.litellm_params\.api_key: "
-                                          r"environment variable OPENAI_API_KEY is not set"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model_list\[0\]\.litellm_params\.api_key: "
+        r"environment variable OPENAI_API_KEY is not set",
+    ):
         load_config(seed_file("litellm-production.yaml"), environ={})
 
 
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/x"}},
-                         {"model_name": "b", "litellm_params": {"model": "openai/x"}},
-                         {"model_name": "c", "litellm_params": {"model": "openai/x",
-                                                                "api_base": "nope"}}]},
-         r"model_list\[2\]\.litellm_params\.api_base: not a URL"),
-        ({"model_list": [{"litellm_params": {"model": "openai/x"}}]},
-         r"model_list\[0\]\.model_name: required"),
-        ({"model_list": [{"model_name": "a", "litellm_params": {"model": "madeup/x"}}]},
-         r"model_list\[0\]\.litellm_params\.model: unknown provider 'madeup'"),
-        ({"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/x",
-                                                                "rpm": "lots"}}]},
-         r"model_list\[0\]\.litellm_params\.rpm: not a number"),
-        ({"router_settings": {"fallbacks": [{"a": ["ghost"]}]}},
-         r"router_settings\.fallbacks\[0\]\.a: unknown model group"),
-        ({"litellm_settings": {"cache_params": {"type": "memcached"}}},
-         r"litellm_settings\.cache_params\.type"),
-        ({"general_settings": {"budget_duration": "forever"}},
-         r"general_settings\.budget_duration: not a duration"),
+        (
+            {
+                "model_list": [
+                    {"model_name": "a", "litellm_params": {"model": "openai/x"}},
+                    {"model_name": "b", "litellm_params": {"model": "openai/x"}},
+                    {
+                        "model_name": "c",
+                        "litellm_params": {"model": "openai/x", "api_base": "nope"},
+                    },
+                ]
+            },
+            r"model_list\[2\]\.litellm_params\.api_base: not a URL",
+        ),
+        (
+            {"model_list": [{"litellm_params": {"model": "openai/x"}}]},
+            r"model_list\[0\]\.model_name: required",
+        ),
+        (
+            {"model_list": [{"model_name": "a", "litellm_params": {"model": "madeup/x"}}]},
+            r"model_list\[0\]\.litellm_params\.model: unknown provider 'madeup'",
+        ),
+        (
+            {
+                "model_list": [
+                    {"model_name": "a", "litellm_params": {"model": "openai/x", "rpm": "lots"}}
+                ]
+            },
+            r"model_list\[0\]\.litellm_params\.rpm: not a number",
+        ),
+        (
+            {"router_settings": {"fallbacks": [{"a": ["ghost"]}]}},
+            r"router_settings\.fallbacks\[0\]\.a: unknown model group",
+        ),
+        (
+            {"litellm_settings": {"cache_params": {"type": "memcached"}}},
+            r"litellm_settings\.cache_params\.type",
+        ),
+        (
+            {"general_settings": {"budget_duration": "forever"}},
+            r"general_settings\.budget_duration: not a duration",
+        ),
     ],
 )
 def test_invalid_values_name_their_key_path(raw, message):
@@ -85,8 +111,15 @@ def test_unknown_keys_warn_once(caplog):
 
 
 def test_retry_policy_per_error_class():
-    config = parse_config({"router_settings": {"num_retries": 1, "retry_policy": {
-        "RateLimitErrorRetries": 4, "TimeoutErrorRetries": 0}}}, environ={})  # fmt: skip
+    config = parse_config(
+        {
+            "router_settings": {
+                "num_retries": 1,
+                "retry_policy": {"RateLimitErrorRetries": 4, "TimeoutErrorRetries": 0},
+            }
+        },
+        environ={},
+    )
     assert config.router.retry.num_retries == 1
     assert config.router.retry.per_error == {"RateLimitErrorRetries": 4, "TimeoutErrorRetries": 0}
 
@@ -99,7 +132,8 @@ def test_defaults_without_a_file():
     assert config.router.cooldown_time == 5.0
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("30s", 30), ("30m", 1800), ("24h", 86400),
-                                               ("30d", 2592000), (15, 15)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("30m", 1800), ("24h", 86400), ("30d", 2592000), (15, 15)]
+)
 def test_durations(text, seconds):
     assert parse_duration(text, "x") == seconds

@@ -41,10 +41,21 @@ def test_retry_after_cools_immediately_for_that_long():
 
 
 def test_picker_prefers_untried_healthy_deployments():
-    config = parse_config({"model_list": [
-        {"model_name": "g", "litellm_params": {"model": "openai/a", "api_base": "http://a"}},
-        {"model_name": "g", "litellm_params": {"model": "openai/b", "api_base": "http://b"}},
-    ]}, environ={})  # fmt: skip
+    config = parse_config(
+        {
+            "model_list": [
+                {
+                    "model_name": "g",
+                    "litellm_params": {"model": "openai/a", "api_base": "http://a"},
+                },
+                {
+                    "model_name": "g",
+                    "litellm_params": {"model": "openai/b", "api_base": "http://b"},
+                },
+            ]
+        },
+        environ={},
+    )
     a, b = config.deployments
     cooldowns = Cooldowns(clock=Clock())
     picker = DeploymentPicker(cooldowns)
@@ -56,12 +67,19 @@ def test_picker_prefers_untried_healthy_deployments():
 
 
 def test_ladder_and_retry_policy_from_seed_shapes():
-    config = parse_config({
-        "model_list": [{"model_name": n, "litellm_params": {"model": f"openai/{n}"}}
-                       for n in ("gpt-4o", "claude", "local")],
-        "router_settings": {"fallbacks": [{"gpt-4o": ["claude", "local"]}],
-                            "retry_policy": {"RateLimitErrorRetries": 5}},
-    }, environ={})  # fmt: skip
+    config = parse_config(
+        {
+            "model_list": [
+                {"model_name": n, "litellm_params": {"model": f"openai/{n}"}}
+                for n in ("gpt-4o", "claude", "local")
+            ],
+            "router_settings": {
+                "fallbacks": [{"gpt-4o": ["claude", "local"]}],
+                "retry_policy": {"RateLimitErrorRetries": 5},
+            },
+        },
+        environ={},
+    )
     ladder = build_ladder("gpt-4o", config.router)
     assert ladder.groups == ["gpt-4o", "claude", "local"]
     rate_limit = ProxyError(429, "slow down", kind="rate_limit", retryable=True)

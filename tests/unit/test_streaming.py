@@ -12,17 +12,49 @@ from mitmroute.providers import provider_for
 from mitmroute.streaming.sse import ChunkAssembler, SSEParser, encode
 
 CHUNKS = [
-    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"role": "assistant",
-                                                                  "content": ""}}]},
+    {
+        "id": "c1",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+    },
     {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"content": "Hel"}}]},
-    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
-        {"index": 0, "id": "call_1", "type": "function",
-         "function": {"name": "get", "arguments": '{"a"'}}]}}]},
-    {"id": "c1", "model": "m", "choices": [{"index": 0, "delta": {"tool_calls": [
-        {"index": 0, "function": {"arguments": ": 1}"}}]}, "finish_reason": "tool_calls"}]},
-    {"id": "c1", "model": "m", "choices": [], "usage": {"prompt_tokens": 3,
-                                                         "completion_tokens": 4}},
-]  # fmt: skip
+    {
+        "id": "c1",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get", "arguments": '{"a"'},
+                        }
+                    ]
+                },
+            }
+        ],
+    },
+    {
+        "id": "c1",
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+    },
+    {
+        "id": "c1",
+        "model": "m",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+    },
+]
 WIRE = b"".join(encode(c) for c in CHUNKS) + b"data: [DONE]\n\n"
 
 
@@ -55,8 +87,21 @@ def test_assembler_rebuilds_the_completion():
 
 
 def _deployment(model: str):
-    config = parse_config({"model_list": [{"model_name": "g", "litellm_params": {
-        "model": model, "api_base": "http://127.0.0.1:1", "api_key": "k"}}]}, environ={})
+    config = parse_config(
+        {
+            "model_list": [
+                {
+                    "model_name": "g",
+                    "litellm_params": {
+                        "model": model,
+                        "api_base": "http://127.0.0.1:1",
+                        "api_key": "k",
+                    },
+                }
+            ]
+        },
+        environ={},
+    )
     return config.deployments[0]
 
 
@@ -69,8 +114,11 @@ def test_openai_stream_raises_on_an_error_event():
 
 def test_openai_build_asks_streams_for_usage_and_uses_the_deployment_key():
     call = provider_for("openai").build(
-        "chat/completions", {"model": "gpt-4o", "stream": True, "messages": []},
-        _deployment("openai/real-name"), drop_params=False)  # fmt: skip
+        "chat/completions",
+        {"model": "gpt-4o", "stream": True, "messages": []},
+        _deployment("openai/real-name"),
+        drop_params=False,
+    )
     body = json.loads(call.body)
     assert body["model"] == "real-name"
     assert body["stream_options"] == {"include_usage": True}
@@ -80,9 +128,11 @@ def test_openai_build_asks_streams_for_usage_and_uses_the_deployment_key():
 
 def test_ollama_ndjson_stream_becomes_chunks_with_usage():
     translator = provider_for("ollama").stream("chat/completions", _deployment("ollama/q"))
-    wire = (b'{"model":"q","message":{"role":"assistant","content":"Hi"},"done":false}\n'
-            b'{"model":"q","message":{"role":"assistant","content":""},"done":true,'
-            b'"done_reason":"stop","prompt_eval_count":5,"eval_count":2}\n')  # fmt: skip
+    wire = (
+        b'{"model":"q","message":{"role":"assistant","content":"Hi"},"done":false}\n'
+        b'{"model":"q","message":{"role":"assistant","content":""},"done":true,'
+        b'"done_reason":"stop","prompt_eval_count":5,"eval_count":2}\n'
+    )
     chunks = [c for i in range(0, len(wire), 10) for c in translator.feed(wire[i : i + 10])]
     assembler = ChunkAssembler()
     for chunk in chunks:
