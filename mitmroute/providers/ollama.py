@@ -48,19 +48,6 @@ IGNORED = {
     "store",
     "parallel_tool_calls",
 }
-UNSUPPORTED = {
-    "logprobs",
-    "top_logprobs",
-    "logit_bias",
-    "suffix",
-    "echo",
-    "best_of",
-    "modalities",
-    "audio",
-    "prediction",
-    "reasoning_effort",
-    "service_tier",
-}
 DONE_REASONS = {"stop": "stop", "length": "length", "load": "stop"}
 
 
