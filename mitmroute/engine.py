@@ -88,6 +88,8 @@ class Answer:
 
     deployment: Deployment
     body: dict[str, Any] | None = None
+    raw: bytes | None = None
+    """The backend's own bytes, when they already are the OpenAI answer (no re-encoding)."""
     stream: _OpenStream | None = None
 
 
@@ -479,11 +481,11 @@ class Engine:
                 )
                 attempt.status_code = 200
                 return Answer(deployment, stream=opened)
-            result = await self._call(
+            result, raw = await self._call(
                 provider, endpoint, deployment, call.url, headers, call.body, timeout
             )
             attempt.status_code = 200
-            return Answer(deployment, body=result)
+            return Answer(deployment, body=result, raw=raw if provider.verbatim else None)
         except ProxyError as e:
             attempt.status_code, attempt.error_type = e.status, e.code or e.kind
             raise
@@ -499,7 +501,8 @@ class Engine:
         headers: dict[str, str],
         data: bytes,
         timeout: float,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], bytes]:
+        """The parsed answer and the bytes it was parsed from."""
         assert self.session is not None
         try:
             async with self.session.post(
@@ -508,7 +511,7 @@ class Engine:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
-                return provider.parse(endpoint, raw, deployment)
+                return provider.parse(endpoint, raw, deployment), raw
         except TimeoutError:
             raise errors.upstream_timeout(
                 f"{deployment.litellm_model} did not answer within {timeout:.1f}s"
@@ -641,7 +644,7 @@ class Engine:
             self._estimate(exchange, body, answer.body)
         self.finish(exchange, deployment)
         self._store(ticket, exchange, answer.body)
-        payload = json.dumps(answer.body).encode()
+        payload = answer.raw or json.dumps(answer.body).encode()
         return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload, exchange=exchange)
 
     async def _relay(

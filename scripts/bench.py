@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark mitmroute against bare mitmdump, a direct connection and (optionally) LiteLLM.
 
-    .venv/bin/python scripts/bench.py [--requests N] [--rounds R] [--smoke] [--out DIR]
-                                      [--litellm-python /path/to/venv/bin/python]
+    .venv/bin/python scripts/bench.py [--requests N] [--soak N] [--rounds R] [--smoke]
+                                      [--out DIR] [--litellm-python /venv/bin/python]
 
 One run starts a fast fake OpenAI backend, mitmroute (plain, with a local cache, with a Redis
 cache), a bare mitmdump that only rewrites the host (scripts/bench_rewrite_addon.py) and LiteLLM
@@ -34,7 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
 QUIET = ["--set", "flow_detail=0", "--set", "termlog_verbosity=warn"]  # same for every mitmdump
+KEY = "sk-bench-5f0e2c7a9b4d6e8f1a3c5e7b9d2f4a6c"  # LiteLLM's master key; mitmroute replaces it
 PROXIED = {"bare", "mitmroute", "mr-cache-local", "mr-cache-redis"}
+ORDER = ["direct", "bare", "mitmroute", "mr-cache-local", "mr-cache-redis", "litellm"]
+# The rest keeps a compact hand layout, as the repo's `# fmt: skip` statements do.
+# fmt: off
 
 
 # --- 1. the fake backend (a subprocess: `bench.py --serve-fake PORT`) -------------------------
@@ -53,7 +57,7 @@ class FakeOpenAI(asyncio.Protocol):
         while (end := self.buf.find(b"\r\n\r\n")) >= 0:
             head = self.buf[:end].decode("latin-1").split("\r\n")
             length = next((int(h.split(":", 1)[1]) for h in head[1:]
-                           if h.lower().startswith("content-length:")), 0)  # fmt: skip
+                           if h.lower().startswith("content-length:")), 0)
             if len(self.buf) < end + 4 + length:
                 return
             body, self.buf = self.buf[end + 4 : end + 4 + length], self.buf[end + 4 + length :]
@@ -62,7 +66,7 @@ class FakeOpenAI(asyncio.Protocol):
     def send(self, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
         self.transport.write(b"HTTP/1.1 %d X\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\n\r\n%b" % (status, len(data), data))  # fmt: skip
+                             b"content-length: %d\r\n\r\n%b" % (status, len(data), data))
 
     def answer(self, path: str, raw: bytes) -> None:
         body = json.loads(raw or b"{}")
@@ -72,26 +76,25 @@ class FakeOpenAI(asyncio.Protocol):
         if model.startswith("fail-"):
             return self.send(500, {"error": {"message": "fake failure", "type": "server_error"}})
         base = {"id": f"chatcmpl-{secrets.token_hex(6)}", "created": int(time.time()),
-                "model": model}  # fmt: skip
+                "model": model}
         usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
         if not body.get("stream"):
             message = {"role": "assistant", "content": "echo: the quick fox"}
             return self.send(200, {**base, "object": "chat.completion", "usage": usage,
                                    "choices": [{"index": 0, "message": message,
-                                                "finish_reason": "stop"}]})  # fmt: skip
+                                                "finish_reason": "stop"}]})
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                             b"transfer-encoding: chunked\r\n\r\n")  # fmt: skip
+                             b"transfer-encoding: chunked\r\n\r\n")
         deltas = [{"role": "assistant", "content": ""}, {"content": "echo:"},
-                  {"content": " the"}, {"content": " quick"}, {"content": " fox"}, {}]  # fmt: skip
+                  {"content": " the"}, {"content": " quick"}, {"content": " fox"}, {}]
         events = [{**base, "object": "chat.completion.chunk", "choices": [
             {"index": 0, "delta": d, "finish_reason": None if d else "stop"}]} for d in deltas]
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "object": "chat.completion.chunk", "choices": [],
-                           "usage": usage})  # fmt: skip
+                           "usage": usage})
         frames = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
-        frames += [b"data: [DONE]\n\n", b""]
         loop = asyncio.get_running_loop()
-        for i, frame in enumerate(frames):
+        for i, frame in enumerate([*frames, b"data: [DONE]\n\n", b""]):
             chunk = b"%x\r\n%b\r\n" % (len(frame), frame)
             loop.call_later(i * self.gap, self.transport.write, chunk)
 
@@ -116,8 +119,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def proc_kb(pid: int, field_name: str) -> int:
-    """VmRSS / VmHWM (kB) of `pid` plus its descendants (LiteLLM may fork workers)."""
+def proc_kb(pid: int, name: str) -> int:
+    """VmRSS / VmHWM (kB) of `pid` plus its children (LiteLLM may fork workers)."""
     pids, total = {pid}, 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -126,7 +129,7 @@ def proc_kb(pid: int, field_name: str) -> int:
     for p in pids:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith(field_name + ":"):
+                if line.startswith(name + ":"):
                     total += int(line.split()[1])
     return total
 
@@ -140,12 +143,11 @@ class Service:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
-    def start(self) -> Service:
-        with self.log.open("wb") as out:
+    def start(self) -> None:
+        with self.log.open("wb") as out:  # its own session, so stop() reaches its children
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env}, cwd=self.log.parent,
-                                         start_new_session=True)  # fmt: skip
-        return self
+                                         start_new_session=True)
 
     def wait_ready(self, timeout: float) -> None:
         assert self.proc is not None
@@ -153,29 +155,27 @@ class Service:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n"
-                                   f"{self.log.read_text(errors='replace')[-3000:]}")  # fmt: skip
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port)):
                 return
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not listening on {self.port} after {timeout:.0f}s")
 
-    def kb(self, field_name: str) -> int:
-        return proc_kb(self.proc.pid, field_name) if self.proc else 0
+    def kb(self, name: str) -> int:
+        return proc_kb(self.proc.pid, name) if self.proc else 0
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: it and its children
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(wait)
+                return
 
 
-def bench_config(backend: str, tmp: Path, name: str, cache: dict | None) -> dict[str, Any]:
+def bench_config(backend: str, general: dict[str, Any], cache: dict | None) -> dict[str, Any]:
     def dep(group: str, model: str) -> dict[str, Any]:
         return {"model_name": group, "litellm_params": {
             "model": f"openai/{model}", "api_base": f"{backend}/v1", "api_key": "sk-fake"}}
@@ -184,65 +184,62 @@ def bench_config(backend: str, tmp: Path, name: str, cache: dict | None) -> dict
         "model_list": [dep("bench", "bench-model"), dep("flaky", "fail-500")],
         # every fallback request pays for the failing attempt: no cooldown, no retry
         "router_settings": {"fallbacks": [{"flaky": ["bench"]}], "num_retries": 0,
-                            "allowed_fails": 1_000_000},  # fmt: skip
-        "general_settings": {"spend_db": str(tmp / f"spend-{name}.duckdb")},
+                            "allowed_fails": 1_000_000},
+        "general_settings": general,
     }
     if cache is not None:
         config["litellm_settings"] = {"cache": True, "cache_params": cache}
     return config
 
 
-def litellm_check(python: str) -> str | None:
+LITELLM_ENV = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+               "LITELLM_TELEMETRY": "False", "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true"}
+
+
+def litellm_version(python: str) -> str | None:
     """LiteLLM's version when `python` can run its proxy, else None."""
     code = "import litellm.proxy.proxy_server, importlib.metadata as m; print(m.version('litellm'))"
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # fmt: skip
+                              env={**os.environ, **LITELLM_ENV})
         if done.returncode == 0:
             return done.stdout.strip().splitlines()[-1]
     return None
 
 
-def make_services(tmp: Path, backend: str, namespace: str, litellm_python: str | None,
-                  gap_ms: float) -> dict[str, Service]:  # fmt: skip
+def make_services(tmp: Path, fake_port: int, namespace: str, litellm_python: str | None,
+                  gap_ms: float) -> dict[str, Service]:
     import yaml
 
-    fake_port = int(backend.rsplit(":", 1)[1])
+    backend = f"http://127.0.0.1:{fake_port}"
     services = {"fake": Service("fake", [sys.executable, __file__, "--serve-fake", str(fake_port),
                                          "--stream-gap-ms", str(gap_ms)],
-                                fake_port, tmp / "fake.log")}  # fmt: skip
+                                fake_port, tmp / "fake.log")}
+
+    def add(name: str, args: list[str], config: dict | None = None, **env: str) -> None:
+        port = free_port()
+        if config is not None:
+            (tmp / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        if args[0] == MITMDUMP:
+            args = [*args, "--listen-host", "127.0.0.1", "-p", str(port), "--set",
+                    f"confdir={tmp}", *QUIET]
+        else:
+            args = [*args, "--host", "127.0.0.1", "--port", str(port)]
+        services[name] = Service(name, args, port, tmp / f"{name}.log", env)
+
     caches = {"mitmroute": None, "mr-cache-local": {"type": "local"},
               "mr-cache-redis": {"type": "redis", "host": "127.0.0.1", "port": 6379,
-                                 "namespace": namespace}}  # fmt: skip
+                                 "namespace": namespace}}
     for name, cache in caches.items():
-        cfg = tmp / f"{name}.yaml"
-        cfg.write_text(yaml.safe_dump(bench_config(backend, tmp, name, cache)))
-        port = free_port()
-        services[name] = Service(name, [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port),
-                                        "--set", f"confdir={tmp}", *QUIET,
-                                        "-s", str(ROOT / "addons" / "router.py"),
-                                        "--set", f"router_config={cfg}"],
-                                 port, tmp / f"{name}.log")  # fmt: skip
-    port = free_port()
-    services["bare"] = Service("bare", [MITMDUMP, "--listen-host", "127.0.0.1", "-p", str(port),
-                                        "--set", f"confdir={tmp}", *QUIET, "-s",
-                                        str(ROOT / "scripts" / "bench_rewrite_addon.py"),
-                                        "--set", f"bench_upstream={backend}",
-                                        "--set", "connection_strategy=lazy"],
-                               port, tmp / "bare.log")  # fmt: skip
-    if litellm_python:
-        cfg = tmp / "litellm.yaml"
-        config = bench_config(backend, tmp, "litellm", None)
-        del config["general_settings"]  # LiteLLM's spend log needs Postgres; none here
-        cfg.write_text(yaml.safe_dump(config))
-        port = free_port()
-        services["litellm"] = Service(
-            "litellm", [litellm_python, "-c", "from litellm.proxy.proxy_cli import run_server; "
-                        "run_server()", "--config", str(cfg), "--host", "127.0.0.1",
-                        "--port", str(port), "--num_workers", "1"],
-            port, tmp / "litellm.log",
-            env={"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
-                 "LITELLM_TELEMETRY": "False", "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true"})  # fmt: skip
+        add(name, [MITMDUMP, "-s", str(ROOT / "addons" / "router.py"), "--set",
+                   f"router_config={tmp / name}.yaml"],
+            bench_config(backend, {"spend_db": str(tmp / f"spend-{name}.duckdb")}, cache))
+    add("bare", [MITMDUMP, "-s", str(ROOT / "scripts" / "bench_rewrite_addon.py"), "--set",
+                 f"bench_upstream={backend}", "--set", "connection_strategy=lazy"])
+    if litellm_python:  # no database: LiteLLM's spend log needs Postgres
+        add("litellm", [litellm_python, "-c", "from litellm.proxy.proxy_cli import run_server; "
+                        "run_server()", "--config", str(tmp / "litellm.yaml"), "--num_workers",
+                        "1"], bench_config(backend, {"master_key": KEY}, None), **LITELLM_ENV)
     return services
 
 
@@ -265,26 +262,26 @@ class Samples:
     ttfc: list[float] = field(default_factory=list)
     hit_latency: list[float] = field(default_factory=list)
     errors: int = 0
-    hits: int = 0
+    first_error: str = ""
     wall: float = 0.0
     round_p50: list[float] = field(default_factory=list)
     rss_kb: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, VmRSS)
 
 
-def scenarios(litellm: bool, soak_targets: list[str]) -> list[Scenario]:
+def scenarios(litellm: bool) -> list[Scenario]:
     base = ["direct", "bare", "mitmroute"] + (["litellm"] if litellm else [])
     return [
         Scenario("chat-c1", "non-streamed, concurrency 1", base),
         Scenario("chat-c8", "non-streamed, concurrency 8", base, concurrency=8),
         Scenario("stream", "streamed (6 chunks + usage), concurrency 1", base, stream_every=1),
-        Scenario("cache-local", "same request repeatedly, local cache",
-                 ["direct", "bare", "mr-cache-local"]),  # fmt: skip
-        Scenario("cache-redis", "same request repeatedly, Redis cache",
-                 ["direct", "bare", "mr-cache-redis"]),  # fmt: skip
-        Scenario("fallback", "group `flaky` (fail-500) falls back to `bench`; "
-                 "direct/bare send it straight to the backend", base, model="flaky"),  # fmt: skip
-        Scenario("soak", "RSS: non-streamed + every 4th streamed, concurrency 8", soak_targets,
-                 concurrency=8, stream_every=4),  # fmt: skip
+        Scenario("cache-local", "one request repeated, local cache", ["direct", "bare",
+                                                                      "mr-cache-local"]),
+        Scenario("cache-redis", "one request repeated, Redis cache", ["direct", "bare",
+                                                                      "mr-cache-redis"]),
+        Scenario("fallback", "group `flaky` (fail-500) falls back to `bench`; direct/bare send "
+                 "it straight to the backend", base, model="flaky"),
+        Scenario("soak", "RSS: non-streamed + every 4th streamed, concurrency 8",
+                 ["bare", "mitmroute"], concurrency=8, stream_every=4),
     ]
 
 
@@ -294,18 +291,15 @@ class Progress:
         self.label, self.tty = "", sys.stderr.isatty()
 
     def step(self, label: str | None = None) -> None:
-        if label is not None:
-            self.label = label
-            if not self.tty:
-                print(f"[bench] {100 * self.done / self.total:3.0f}% {label}", file=sys.stderr)
-        else:
-            self.done += 1
-        now = time.monotonic()
-        if self.tty and (label is not None or now - self.shown > 0.2):
-            self.shown = now
+        self.label, self.done = label or self.label, self.done + (label is None)
+        line = f"{100 * self.done / self.total:3.0f}% {time.monotonic() - self.t0:4.0f}s "
+        line += self.label
+        if not self.tty and label is not None:
+            print(f"[bench] {line}", file=sys.stderr)
+        elif self.tty and (label is not None or time.monotonic() - self.shown > 0.2):
+            self.shown = time.monotonic()
             bar = "#" * int(30 * self.done / self.total)
-            print(f"\r[{bar:<30}] {100 * self.done / self.total:3.0f}% {now - self.t0:5.0f}s "
-                  f"{self.label:<42}", end="", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"\r[{bar:<30}] {line:<52}", end="", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -316,47 +310,45 @@ class Client:
 
 
 async def drive(client: Client, sc: Scenario, n: int, out: Samples | None,
-                progress: Progress | None) -> None:  # fmt: skip
+                progress: Progress) -> None:
     """n requests, `sc.concurrency` at a time, closed loop; samples go to `out` (None: warm-up)."""
     import aiohttp
 
     messages = [{"role": "user", "content": "echo the quick fox"}]
     bodies = [json.dumps({"model": sc.model, "messages": messages, "stream": s}).encode()
-              for s in (False, True)]  # fmt: skip
-    headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
-    left, done, latencies = n, 0, []
+              for s in (False, True)]
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    left, latencies = n, []
 
     async def one(stream: bool) -> None:
-        nonlocal done
-        t0 = time.perf_counter()
-        first, tail = 0.0, b""
+        t0, first, data, error = time.perf_counter(), 0.0, b"", ""
         try:
             async with client.session.post(client.url, data=bodies[stream], headers=headers,
-                                           **client.kwargs) as resp:  # fmt: skip
+                                           **client.kwargs) as resp:
                 if stream:
-                    async for data in resp.content.iter_any():
-                        if not first and data:
-                            first = time.perf_counter()
-                        tail = data
-                    ok = resp.status == 200 and tail.rstrip().endswith(b"[DONE]")
+                    async for chunk in resp.content.iter_any():
+                        first, data = first or time.perf_counter(), chunk
+                    ok = resp.status == 200 and data.rstrip().endswith(b"[DONE]")
                 else:
-                    ok = resp.status == 200 and b'"choices"' in await resp.read()
+                    data = await resp.read()
+                    ok = resp.status == 200 and b'"choices"' in data
                 hit = resp.headers.get("x-mitmroute-cache", "").upper().startswith("HIT")
-        except (aiohttp.ClientError, TimeoutError):
-            ok = hit = False
+                error = "" if ok else f"HTTP {resp.status}: {data[:300]!r}"
+        except (aiohttp.ClientError, TimeoutError) as e:
+            hit, error = False, f"{type(e).__name__}: {e}"
         elapsed = (time.perf_counter() - t0) * 1000
-        if out is not None:
-            if not ok:
-                out.errors += 1
-            out.latency.append(elapsed)
-            latencies.append(elapsed)
-            if first:
-                out.ttfc.append((first - t0) * 1000)
-            if hit:
-                out.hits += 1
-                out.hit_latency.append(elapsed)
-            if progress is not None:
-                progress.step()
+        if out is None:
+            return
+        if error:
+            out.errors += 1
+            out.first_error = out.first_error or error
+        out.latency.append(elapsed)
+        latencies.append(elapsed)
+        if first:
+            out.ttfc.append((first - t0) * 1000)
+        if hit:
+            out.hit_latency.append(elapsed)
+        progress.step()
 
     async def worker() -> None:
         nonlocal left
@@ -372,40 +364,38 @@ async def drive(client: Client, sc: Scenario, n: int, out: Samples | None,
 
 
 async def run_load(services: dict[str, Service], bundle: Path, plan: list[Scenario],
-                   per_target: int, soak: int, rounds: int) -> dict[str, dict[str, Samples]]:  # fmt: skip
+                   sizes: dict[str, int], rounds: int) -> tuple[dict, dict[str, int]]:
+    """Warm every target up, then `rounds` rounds of every scenario, targets rotated."""
     import aiohttp
 
     ctx = ssl.create_default_context(cafile=str(bundle))
     clients: dict[str, Client] = {}
-    fake = f"http://127.0.0.1:{services['fake'].port}/v1/chat/completions"
-    targets = {t for sc in plan for t in sc.targets}
-    for t in sorted(targets):
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=16, ssl=ctx), trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=30))  # fmt: skip
+    for t in {t for sc in plan for t in sc.targets}:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=16, ssl=ctx),
+                                        timeout=aiohttp.ClientTimeout(total=30))
+        port = services["fake" if t == "direct" else t].port
         if t in PROXIED:
-            kwargs = {"proxy": f"http://127.0.0.1:{services[t].port}", "ssl": ctx}
+            kwargs = {"proxy": f"http://127.0.0.1:{port}", "ssl": ctx}
             clients[t] = Client("https://api.openai.com/v1/chat/completions", kwargs, session)
         else:
-            url = fake if t == "direct" else f"http://127.0.0.1:{services[t].port}/v1/chat/completions"
-            clients[t] = Client(url, {}, session)
+            clients[t] = Client(f"http://127.0.0.1:{port}/v1/chat/completions", {}, session)
     results = {sc.name: {t: Samples() for t in sc.targets} for sc in plan}
-    sizes = {sc.name: soak if sc.name == "soak" else per_target for sc in plan}
     progress = Progress(sum(sizes[sc.name] * len(sc.targets) for sc in plan))
     try:
-        for sc in plan:  # warm-up: connections, TLS, leaf certificates, the cache's first miss
+        for sc in plan:  # connections, TLS, leaf certificates, the cache's first miss
             for t in sc.targets:
                 progress.step(f"warm-up {sc.name} -> {t}")
-                await drive(clients[t], sc, 4 * sc.concurrency + 8, None, None)
+                await drive(clients[t], sc, 4 * sc.concurrency + 8, None, progress)
+        baseline = {name: s.kb("VmRSS") for name, s in services.items()}
         for r in range(rounds):
             for sc in plan:
-                order = sc.targets[r % len(sc.targets) :] + sc.targets[: r % len(sc.targets)]
-                for t in order:
-                    n = sizes[sc.name] // rounds + (r < sizes[sc.name] % rounds)
+                k = r % len(sc.targets)
+                for t in sc.targets[k:] + sc.targets[:k]:
                     progress.step(f"round {r + 1}/{rounds} {sc.name} -> {t}")
                     samples = results[sc.name][t]
-                    if sc.name == "soak" and not samples.rss_kb and t in services:
+                    if t in services and not samples.rss_kb:
                         samples.rss_kb.append((0, services[t].kb("VmRSS")))
+                    n = sizes[sc.name] // rounds + (r < sizes[sc.name] % rounds)
                     await drive(clients[t], sc, n, samples, progress)
                     if t in services:
                         samples.rss_kb.append((len(samples.latency), services[t].kb("VmRSS")))
@@ -413,13 +403,14 @@ async def run_load(services: dict[str, Service], bundle: Path, plan: list[Scenar
         for c in clients.values():
             await c.session.close()
         print(file=sys.stderr)
-    return results
+    return results, baseline
 
 
 # --- 7-8. statistics and report --------------------------------------------------------------
 
 
 def pct(xs: list[float], q: float) -> float:
+    """The q-th percentile of sorted `xs`, interpolated."""
     if not xs:
         return float("nan")
     k = (len(xs) - 1) * q / 100
@@ -427,28 +418,31 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (k - lo)
 
 
-def summarize(results: dict[str, dict[str, Samples]], services: dict[str, Service],
-              plan: list[Scenario]) -> dict[str, Any]:  # fmt: skip
+def summarize(results: dict[str, dict[str, Samples]], plan: list[Scenario]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for sc in plan:
         rows: dict[str, Any] = {}
         for t, s in results[sc.name].items():
-            lat, ttfc = sorted(s.latency), sorted(s.ttfc)
+            lat, ttfc, hits = sorted(s.latency), sorted(s.ttfc), sorted(s.hit_latency)
             rows[t] = {
-                "n": len(lat), "errors": s.errors, "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90),
-                "p99_ms": pct(lat, 99), "rps": len(lat) / s.wall if s.wall else 0.0,
-                "round_p50_ms": s.round_p50,
+                "n": len(lat), "errors": s.errors, "first_error": s.first_error,
+                "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
+                "rps": len(lat) / s.wall if s.wall else 0.0, "round_p50_ms": s.round_p50,
                 "ttfc_p50_ms": pct(ttfc, 50) if ttfc else None,
                 "ttfc_p90_ms": pct(ttfc, 90) if ttfc else None,
-                "cache_hit_ratio": s.hits / len(lat) if lat else 0.0,
-                "cache_hit_p50_ms": pct(sorted(s.hit_latency), 50) if s.hits else None,
-                "rss_kb": s.rss_kb,
-            }  # fmt: skip
-        direct = rows.get("direct")
+                "cache_hit_ratio": len(hits) / len(lat) if lat else 0.0,
+                "cache_hit_p50_ms": pct(hits, 50) if hits else None, "rss_kb": s.rss_kb,
+            }
+        direct, bare, lite = rows.get("direct"), rows.get("bare"), rows.get("litellm")
         for row in rows.values():
             row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"] if direct else None
             row["added_ttfc_p50_ms"] = (row["ttfc_p50_ms"] - direct["ttfc_p50_ms"]
-                                        if direct and row["ttfc_p50_ms"] is not None else None)  # fmt: skip
+                                        if direct and row["ttfc_p50_ms"] is not None else None)
+        for row in rows.values():
+            row["added_vs_bare"] = (row["added_p50_ms"] / bare["added_p50_ms"]
+                                    if bare and direct and bare["added_p50_ms"] > 0 else None)
+            row["rps_vs_bare"] = row["rps"] / bare["rps"] if bare and bare["rps"] else None
+            row["rps_vs_litellm"] = row["rps"] / lite["rps"] if lite and lite["rps"] else None
         out[sc.name] = {"what": sc.what, "concurrency": sc.concurrency, "targets": rows}
     return out
 
@@ -456,46 +450,41 @@ def summarize(results: dict[str, dict[str, Samples]], services: dict[str, Servic
 def evaluate(summary: dict[str, Any], full: bool) -> list[dict[str, Any]]:
     checks: list[dict[str, Any]] = []
 
-    def row(sc: str, t: str) -> dict[str, Any] | None:
-        return summary.get(sc, {}).get("targets", {}).get(t)
+    def row(sc: str, t: str) -> dict[str, Any]:
+        return summary[sc]["targets"].get(t) or {}
 
     def check(name: str, ok: bool | None, detail: str) -> None:
         status = "SKIP" if ok is None else "PASS" if ok else "FAIL"
         checks.append({"check": name, "status": status, "detail": detail})
 
     mr, bare = row("chat-c1", "mitmroute"), row("chat-c1", "bare")
-    ratio = mr["added_p50_ms"] / bare["added_p50_ms"] if bare["added_p50_ms"] > 0 else float("inf")
-    check("non-streamed added latency p50 <= 1.3x bare mitmdump's", ratio <= 1.3,
-          f"mitmroute +{mr['added_p50_ms']:.2f} ms vs bare +{bare['added_p50_ms']:.2f} ms "
-          f"over direct = {ratio:.2f}x")  # fmt: skip
+    ratio = mr["added_vs_bare"]
+    check("non-streamed added latency p50 <= 1.3x bare mitmdump's",
+          ratio is not None and ratio <= 1.3, f"mitmroute +{mr['added_p50_ms']:.2f} ms vs bare "
+          f"+{bare['added_p50_ms']:.2f} ms over direct = {ratio or float('nan'):.2f}x")
     mr, bare, lite = row("chat-c8", "mitmroute"), row("chat-c8", "bare"), row("chat-c8", "litellm")
-    check("req/s at concurrency 8 >= 0.8x bare mitmdump's", mr["rps"] >= 0.8 * bare["rps"],
-          f"{mr['rps']:.0f} vs {bare['rps']:.0f} req/s = {mr['rps'] / bare['rps']:.2f}x")
-    check("req/s at concurrency 8 >= 3x LiteLLM's",
-          mr["rps"] >= 3 * lite["rps"] if lite else None,
-          f"{mr['rps']:.0f} vs {lite['rps']:.0f} req/s = {mr['rps'] / lite['rps']:.2f}x"
-          if lite else "LiteLLM not run")  # fmt: skip
+    check("req/s at concurrency 8 >= 0.8x bare mitmdump's", mr["rps_vs_bare"] >= 0.8,
+          f"{mr['rps']:.0f} vs {bare['rps']:.0f} req/s = {mr['rps_vs_bare']:.2f}x")
+    check("req/s at concurrency 8 >= 3x LiteLLM's", mr["rps_vs_litellm"] >= 3 if lite else None,
+          f"{mr['rps']:.0f} vs {lite['rps']:.0f} req/s = {mr['rps_vs_litellm']:.2f}x"
+          if lite else "LiteLLM not run")
     for kind in ("local", "redis"):
         cached, bare = row(f"cache-{kind}", f"mr-cache-{kind}"), row(f"cache-{kind}", "bare")
-        if cached is None or bare is None:
-            check(f"{kind} cache hit p50 < bare passthrough p50", None, "not run")
-            continue
         hit = cached["cache_hit_p50_ms"]
-        check(f"{kind} cache hit p50 < bare passthrough p50", hit is not None and
-              hit < bare["p50_ms"], (f"hit p50 {hit:.2f} ms" if hit is not None else
-              "no x-mitmroute-cache: HIT answers (cache not active?)") +
-              f" vs bare {bare['p50_ms']:.2f} ms; HIT ratio {cached['cache_hit_ratio']:.0%}")  # fmt: skip
+        check(f"{kind} cache hit p50 < bare passthrough p50",
+              hit is not None and hit < bare["p50_ms"],
+              ("no `x-mitmroute-cache: HIT` answers" if hit is None else f"hit p50 {hit:.2f} ms")
+              + f" vs bare {bare['p50_ms']:.2f} ms; HIT ratio {cached['cache_hit_ratio']:.0%}")
     mr, bare = row("stream", "mitmroute"), row("stream", "bare")
     diff = mr["ttfc_p50_ms"] - bare["ttfc_p50_ms"]
     check("time to first streamed chunk within 2 ms of bare mitmdump's", diff <= 2.0,
-          f"{mr['ttfc_p50_ms']:.2f} vs {bare['ttfc_p50_ms']:.2f} ms = {diff:+.2f} ms")
-    soak = row("soak", "mitmroute")
-    if soak and len(soak["rss_kb"]) > 1:
-        (_, before), (n, after) = soak["rss_kb"][0], soak["rss_kb"][-1]
-        growth = (after - before) / before
-        check(f"RSS growth < 10% across {n} requests", growth < 0.10 if full else None,
-              f"{before / 1024:.1f} -> {after / 1024:.1f} MB = {growth:+.1%}"
-              + ("" if full else " (smoke: not judged)"))  # fmt: skip
+          f"p50 {mr['ttfc_p50_ms']:.2f} vs {bare['ttfc_p50_ms']:.2f} ms = {diff:+.2f} ms")
+    rss = row("soak", "mitmroute")["rss_kb"]
+    (_, before), (n, after) = rss[0], rss[-1]
+    growth = (after - before) / before
+    check(f"RSS growth < 10% across {n} requests", growth < 0.10 if full else None,
+          f"{before / 1024:.1f} -> {after / 1024:.1f} MB = {growth:+.1%}"
+          + ("" if full else " (smoke: not judged)"))
     return checks
 
 
@@ -503,22 +492,27 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
     def f(v: float | None, spec: str = ".2f") -> str:
         return "-" if v is None else format(v, spec)
 
-    lines = ["| scenario | target | n | err | p50 ms | p90 ms | p99 ms | +p50 vs direct | req/s "
-             "| TTFC p50 ms | +TTFC | cache HIT | peak RSS MB |", "|" + " --- |" * 13]  # fmt: skip
+    cols = ["scenario", "target", "n", "err", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
+            "+p50 / bare's", "req/s", "req/s / bare's", "req/s / LiteLLM's", "TTFC p50 ms",
+            "+TTFC vs direct", "cache HIT", "peak RSS MB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name, sc in summary.items():
         for t, r in sc["targets"].items():
             peak = processes.get(t, {}).get("peak_rss_kb")
-            lines.append(f"| {name} | {t} | {r['n']} | {r['errors']} | {f(r['p50_ms'])} | "
-                         f"{f(r['p90_ms'])} | {f(r['p99_ms'])} | {f(r['added_p50_ms'], '+.2f')} "
-                         f"| {f(r['rps'], '.0f')} | {f(r['ttfc_p50_ms'])} | "
-                         f"{f(r['added_ttfc_p50_ms'], '+.2f')} | {r['cache_hit_ratio']:.0%} | "
-                         f"{f(peak and peak / 1024, '.1f')} |")  # fmt: skip
-    lines += ["", "| process | peak RSS MB | RSS after warm-up MB | RSS at end MB | growth |",
-              "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    for t, p in processes.items():
-        lines.append(f"| {t} | {p['peak_rss_kb'] / 1024:.1f} | {p['start_rss_kb'] / 1024:.1f} | "
-                     f"{p['end_rss_kb'] / 1024:.1f} | {p['growth']:+.1%} |")  # fmt: skip
+            cells = [name, t, r["n"], r["errors"], f(r["p50_ms"]), f(r["p90_ms"]),
+                     f(r["p99_ms"]), f(r["added_p50_ms"], "+.2f"), f(r["added_vs_bare"]),
+                     f(r["rps"], ".0f"), f(r["rps_vs_bare"]), f(r["rps_vs_litellm"]),
+                     f(r["ttfc_p50_ms"]), f(r["added_ttfc_p50_ms"], "+.2f"),
+                     f"{r['cache_hit_ratio']:.0%}", f(peak and peak / 1024, ".1f")]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "| process | peak RSS MB (VmHWM) | RSS after warm-up MB | RSS at end MB "
+              "| growth |",
+              "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {t} | {p['peak_rss_kb'] / 1024:.1f} | {p['start_rss_kb'] / 1024:.1f} | "
+              f"{p['end_rss_kb'] / 1024:.1f} | {p['growth']:+.1%} |" for t, p in processes.items()]
     lines += [""] + [f"- **{c['status']}** {c['check']}: {c['detail']}" for c in checks]
+    lines += [f"- errors in {name} -> {t}: {r['errors']}, first: {r['first_error']}"
+              for name, sc in summary.items() for t, r in sc["targets"].items() if r["errors"]]
     return "\n".join(lines) + "\n"
 
 
@@ -529,32 +523,32 @@ def chart(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(14, 9))
-    names = [n for n in summary if n != "soak"]
-    targets = sorted({t for n in names for t in summary[n]["targets"]})
+    cats = {n: {t: (r["p50_ms"], r["p90_ms"], r["added_p50_ms"]) for t, r in s["targets"].items()}
+            for n, s in summary.items() if n != "soak"}
+    cats["stream TTFC"] = {t: (r["ttfc_p50_ms"], r["ttfc_p90_ms"], r["added_ttfc_p50_ms"])
+                           for t, r in summary["stream"]["targets"].items()}
+    targets = [t for t in ORDER if any(t in c for c in cats.values())]
     width = 0.8 / len(targets)
-    for ax, key, title in ((axes[0][0], "p50_ms", "p50 latency (ms; bar top = p90)"),
-                           (axes[0][1], "added_p50_ms", "p50 added over direct (ms)")):  # fmt: skip
+    for ax, i_val, title in ((axes[0][0], 0, "p50 latency, ms (whisker: p90)"),
+                             (axes[0][1], 2, "p50 latency added over direct, ms")):
         for i, t in enumerate(targets):
-            xs = [j + i * width for j, n in enumerate(names) if t in summary[n]["targets"]]
-            rows = [summary[n]["targets"][t] for n in names if t in summary[n]["targets"]]
-            ax.bar(xs, [r[key] for r in rows], width, label=t)
-            if key == "p50_ms":
-                ax.errorbar(xs, [r["p50_ms"] for r in rows], fmt="none", ecolor="k",
-                            yerr=[[0] * len(rows), [r["p90_ms"] - r["p50_ms"] for r in rows]])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+            xs = [j + i * width for j, c in enumerate(cats.values()) if t in c]
+            vals = [c[t] for c in cats.values() if t in c]
+            ax.bar(xs, [v[i_val] for v in vals], width, label=t)
+            if i_val == 0:
+                ax.errorbar(xs, [v[0] for v in vals], [[0] * len(vals),
+                            [v[1] - v[0] for v in vals]], fmt="none", ecolor="k")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], list(cats), fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
-    ax = axes[1][0]
-    for key, label in (("chat-c8", "req/s, concurrency 8"), ("stream", "TTFC p50 ms, streamed")):
-        rows = summary[key]["targets"]
-        value = "rps" if key == "chat-c8" else "ttfc_p50_ms"
-        ax.barh([f"{label}: {t}" for t in rows], [r[value] for r in rows])
-    ax.set_title("throughput and time to first chunk")
-    ax = axes[1][1]
+    rows = summary["chat-c8"]["targets"]
+    axes[1][0].barh(list(rows), [r["rps"] for r in rows.values()])
+    axes[1][0].set_title("req/s, non-streamed, concurrency 8")
     for t, r in summary["soak"]["targets"].items():
-        ax.plot([n for n, _ in r["rss_kb"]], [kb / 1024 for _, kb in r["rss_kb"]], "o-", label=t)
-    ax.set_title("soak: RSS (MB) vs requests")
-    ax.legend(fontsize=8)
+        axes[1][1].plot([n for n, _ in r["rss_kb"]], [kb / 1024 for _, kb in r["rss_kb"]], "o-",
+                        label=t)
+    axes[1][1].set_title("soak: RSS (MB) vs requests")
+    axes[1][1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -563,93 +557,85 @@ def chart(summary: dict[str, Any], path: Path) -> None:
 # --- main ------------------------------------------------------------------------------------
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, help="per target and scenario (default 2000; smoke 40)")
     p.add_argument("--soak", type=int, help="soak requests per target (default 20000; smoke 200)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default 5; smoke 2)")
     p.add_argument("--smoke", action="store_true", help="a few dozen requests each, < 60 s")
     p.add_argument("--out", type=Path, default=ROOT / "bench-results")
-    p.add_argument("--litellm-python", help="a python that can import litellm.proxy")
+    p.add_argument("--litellm-python", help="a python that can import litellm.proxy (default: "
+                   "this one; not tried in --smoke unless given)")
     p.add_argument("--stream-gap-ms", type=float, default=1.0, help="fake's gap between chunks")
     p.add_argument("--serve-fake", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
     if args.serve_fake is not None:
         serve_fake(args.serve_fake, args.stream_gap_ms)
         return 0
-    per_target = args.requests or (40 if args.smoke else 2000)
-    soak = args.soak or (200 if args.smoke else 20_000)
-    rounds = args.rounds or (2 if args.smoke else 5)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
-
-    litellm_python = args.litellm_python or (None if args.smoke else sys.executable)
-    litellm_version = litellm_check(litellm_python) if litellm_python else None
-    if litellm_version is None:
-        print(f"note: LiteLLM skipped: {litellm_python or '(smoke)'} cannot import litellm.proxy"
-              " (use --litellm-python PY with a venv that has litellm[proxy])", file=sys.stderr)
-    namespace = f"bench-{secrets.token_hex(4)}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    requests = args.requests or (40 if args.smoke else 2000)
+    rounds = args.rounds or (2 if args.smoke else 5)
+    lite_py = args.litellm_python or (None if args.smoke else sys.executable)
+    lite_version = litellm_version(lite_py) if lite_py else None
+    if lite_version is None:
+        print(f"note: LiteLLM skipped: {lite_py or '(smoke)'} cannot import litellm.proxy "
+              "(give --litellm-python with a venv that has litellm[proxy])", file=sys.stderr)
+    plan = scenarios(lite_version is not None)
+    sizes = {sc.name: requests for sc in plan}
+    sizes["soak"] = args.soak or (200 if args.smoke else 20_000)
+    namespace, started = f"bench-{secrets.token_hex(4)}", time.time()
     with tempfile.TemporaryDirectory(prefix="mitmroute-bench-") as tmpdir:
         tmp = Path(tmpdir)
         subprocess.run([sys.executable, str(ROOT / "scripts" / "ca_bundle.py"), "--confdir",
                         str(tmp), "--out", str(tmp / "bundle.pem")], check=True,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        backend = f"http://127.0.0.1:{free_port()}"
-        services = make_services(tmp, backend, namespace,
-                                 litellm_python if litellm_version else None, args.stream_gap_ms)
-        plan = scenarios("litellm" in services, ["bare", "mitmroute"])
+                       stdout=subprocess.DEVNULL)
+        services = make_services(tmp, free_port(), namespace,
+                                 lite_py if lite_version else None, args.stream_gap_ms)
         try:
             for s in services.values():
                 s.start()
             for s in services.values():
                 s.wait_ready(120 if s.name == "litellm" else 30)
-            results = asyncio.run(run_load(services, tmp / "bundle.pem", plan, per_target, soak,
-                                           rounds))  # fmt: skip
-            processes = {}
-            for name, s in services.items():
-                if name == "fake":
-                    continue
-                firsts = [r.rss_kb[0][1] for sc in results.values()
-                          for t, r in sc.items() if t == name and r.rss_kb]  # fmt: skip
-                start, end = (firsts[0] if firsts else 0), s.kb("VmRSS")
-                processes[name] = {"pid": s.proc.pid if s.proc else None,
-                                   "peak_rss_kb": s.kb("VmHWM"), "start_rss_kb": start,
-                                   "end_rss_kb": end,
-                                   "growth": (end - start) / start if start else 0.0}  # fmt: skip
+            results, baseline = asyncio.run(run_load(services, tmp / "bundle.pem", plan, sizes,
+                                                     rounds))
+            processes = {name: {"pid": s.proc.pid if s.proc else None,
+                                "peak_rss_kb": s.kb("VmHWM"), "start_rss_kb": baseline[name],
+                                "end_rss_kb": s.kb("VmRSS")}
+                         for name, s in services.items() if name != "fake"}
         finally:
             for s in reversed(services.values()):
                 s.stop()
             with contextlib.suppress(Exception):
                 import redis
 
-                r = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2)
-                keys = list(r.scan_iter(f"{namespace}*"))
-                if keys:
-                    r.delete(*keys)
-    summary = summarize(results, services, plan)
+                client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2)
+                if keys := list(client.scan_iter(f"{namespace}:*")):
+                    client.delete(*keys)
+    for p in processes.values():
+        p["growth"] = (p["end_rss_kb"] - p["start_rss_kb"]) / p["start_rss_kb"]
+    summary = summarize(results, plan)
     checks = evaluate(summary, full=not args.smoke)
     import mitmproxy.version
 
-    report = {
-        "meta": {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                 "seconds": round(time.time() - started, 1), "smoke": args.smoke,
-                 "requests_per_target": per_target, "soak_requests": soak, "rounds": rounds,
-                 "cpus": os.cpu_count(), "python": platform.python_version(),
-                 "mitmproxy": mitmproxy.version.VERSION, "litellm": litellm_version,
-                 "redis_namespace": namespace, "stream_gap_ms": args.stream_gap_ms,
-                 "mitmdump_flags": " ".join(QUIET)},
-        "scenarios": summary, "processes": processes, "checks": checks,
-    }  # fmt: skip
+    meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 1), "smoke": args.smoke, "rounds": rounds,
+            "requests_per_target": sizes, "cpus": os.cpu_count(), "litellm": lite_version,
+            "python": platform.python_version(), "mitmproxy": mitmproxy.version.VERSION,
+            "stream_gap_ms": args.stream_gap_ms, "mitmdump_flags": " ".join(QUIET)}
     md = markdown(summary, processes, checks)
-    (args.out / "latest.json").write_text(json.dumps(report, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(
+        {"meta": meta, "scenarios": summary, "processes": processes, "checks": checks}, indent=2))
     (args.out / "latest.md").write_text(md)
     chart(summary, args.out / "latest.png")
     print(md)
     for c in checks:
         print(f"{c['status']}: {c['check']} -- {c['detail']}")
-    print(f"wrote {args.out}/latest.json, latest.md, latest.png "
-          f"in {time.time() - started:.0f}s")  # fmt: skip
+    print(f"wrote {args.out}/latest.json, latest.md, latest.png in {time.time() - started:.0f}s")
     return 0
 
 

@@ -40,9 +40,9 @@ class Rewrite:
         flow.request.port = self.port
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None and flow.response.headers.get(
-            "content-type", ""
-        ).startswith("text/event-stream"):
+        if flow.response is not None and flow.response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        ):
             flow.response.stream = True
 
 

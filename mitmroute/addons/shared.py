@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mitmroute.config import RouterConfig
 from mitmroute.exchange import Exchange
+
+if TYPE_CHECKING:
+    from mitmroute.auth.limits import BudgetUpdate
 
 
 @dataclass(slots=True)
@@ -15,6 +19,10 @@ class Shared:
     listeners: list[Callable[[Exchange], None]] = field(default_factory=list)
     """Called once per finished exchange, on the event loop: must not block."""
     config_listeners: list[Callable[[RouterConfig], None]] = field(default_factory=list)
+    cooldown_listeners: list[Callable[[str, float, str], None]] = field(default_factory=list)
+    """Called as `fn(deployment_id, seconds, reason)` when a deployment starts cooling down."""
+    budget_listeners: list[Callable[[BudgetUpdate], None]] = field(default_factory=list)
+    """Called when a virtual key's spend changes (after each settled request)."""
 
     def publish_config(self, config: RouterConfig) -> None:
         self.config = config
@@ -24,3 +32,11 @@ class Shared:
     def publish_exchange(self, exchange: Exchange) -> None:
         for listener in self.listeners:
             listener(exchange)
+
+    def publish_cooldown(self, deployment_id: str, seconds: float, reason: str) -> None:
+        for listener in self.cooldown_listeners:
+            listener(deployment_id, seconds, reason)
+
+    def publish_budget(self, update: BudgetUpdate) -> None:
+        for listener in self.budget_listeners:
+            listener(update)

@@ -55,6 +55,8 @@ class Provider(ABC):
 
     name: str = ""
     endpoints: frozenset[str] = frozenset({CHAT})
+    verbatim: bool = False
+    """True when the backend's non-streamed answers are already OpenAI's and go out as sent."""
 
     @abstractmethod
     def build(

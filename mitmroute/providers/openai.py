@@ -67,6 +67,7 @@ class OpenAIStream(StreamTranslator):
 class OpenAIProvider(Provider):
     name = "openai"
     endpoints = frozenset({CHAT, COMPLETIONS, EMBEDDINGS})
+    verbatim = True
 
     def build(
         self, endpoint: str, body: dict[str, Any], deployment: Deployment, *, drop_params: bool

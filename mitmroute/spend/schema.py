@@ -82,7 +82,8 @@ def insert_sql(table: str, columns: tuple[tuple[str, str], ...]) -> str:
     spec = ",".join(f'"{n}":"{_wire_type(t)}[]"' for n, t in columns)
     names = ", ".join(_q(n) for n, _ in columns)
     cols = ", ".join(f"CAST(UNNEST(j.{_q(n)}) AS {t})" for n, t in columns)
-    return f"INSERT INTO {table} ({names}) SELECT {cols} FROM (SELECT from_json($1, '{{{spec}}}') AS j)"
+    batch = f"SELECT from_json($1, '{{{spec}}}') AS j"
+    return f"INSERT INTO {table} ({names}) SELECT {cols} FROM ({batch})"
 
 
 DAY = "CAST(timezone('UTC', started_at) AS DATE)"
@@ -164,7 +165,9 @@ VIEWS: dict[str, str] = {
         SELECT {DAY} AS day, deployment, api_base, count(*) AS attempts,
                count(*) FILTER (WHERE error_type IS NOT NULL
                                 OR status_code >= 400) AS failed,
-               coalesce(error_type, CAST(status_code AS VARCHAR), 'ok') AS outcome
+               CASE WHEN error_type IS NULL AND (status_code IS NULL OR status_code < 400)
+                    THEN 'ok' ELSE coalesce(error_type, CAST(status_code AS VARCHAR)) END
+                   AS outcome
         FROM spend_attempts GROUP BY ALL""",
 }
 
