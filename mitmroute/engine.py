@@ -47,6 +47,7 @@ from mitmroute.routing.ladder import (
     special_fallbacks,
 )
 from mitmroute.routing.picker import DeploymentPicker
+from mitmroute.spend import PriceBook, estimate_prompt_tokens, estimate_text_tokens
 from mitmroute.streaming.sse import DONE, ChunkAssembler, SSEParser, encode, encode_error
 
 log = logging.getLogger("mitmroute")
@@ -169,8 +170,7 @@ class Engine:
         self.picker = DeploymentPicker(self.cooldowns)
         self.listeners: list[Callable[[Exchange], None]] = []
         """Called once per finished exchange (spend log, metrics, budgets)."""
-        self.pricer: Callable[[Exchange, Deployment | None], None] | None = None
-        self.estimator: Callable[[Exchange, dict[str, Any], str], None] | None = None
+        self.prices = PriceBook.load(config.general.price_file)
         self.session: aiohttp.ClientSession | None = None
         self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
         self._tasks: set[asyncio.Task] = set()
@@ -722,9 +722,20 @@ class Engine:
             elif ticket is not None:
                 ticket.release()
 
-    def _estimate(self, exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:
-        if self.estimator is not None:
-            self.estimator(exchange, body, json.dumps(answer.get("choices") or ""))
+    @staticmethod
+    def _estimate(exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:
+        """Count tokens locally when the backend reported none (usage_source 'estimated')."""
+        model = str(body.get("model") or "")
+        texts = []
+        for choice in answer.get("choices") or ():
+            message = choice.get("message") or {}
+            texts.append(str(message.get("content") or choice.get("text") or ""))
+            for call in message.get("tool_calls") or ():
+                texts.append(json.dumps(call.get("function") or {}))
+        prompt = estimate_prompt_tokens(body, model)
+        completion = estimate_text_tokens("".join(texts), model) if any(texts) else 0
+        exchange.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
+                               source="estimated")
 
     def _models(self) -> Reply:
         created = int(time.time())
@@ -754,8 +765,10 @@ class Engine:
         """Close the books on an exchange and hand it to every listener."""
         exchange.ended_at = now_utc()
         exchange.latency_ms = (time.perf_counter() - exchange.clock_start) * 1000
-        if self.pricer is not None and exchange.usage is not None and not exchange.cache_hit:
-            self.pricer(exchange, deployment)
+        if exchange.usage is not None and not exchange.cache_hit and exchange.provider:
+            model = deployment.model if deployment else exchange.requested_model or ""
+            exchange.cost_usd = self.prices.cost(exchange.provider, model, exchange.usage,
+                                                 deployment)
         for listener in self.listeners:
             try:
                 listener(exchange)

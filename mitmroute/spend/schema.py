@@ -90,6 +90,15 @@ DAY = "CAST(timezone('UTC', started_at) AS DATE)"
 MODEL = "coalesce(model_group, requested_model)"
 OK = "(status_code IS NULL OR status_code < 400)"
 
+
+def _sums(*cols: str) -> str:
+    """`sum(col)::BIGINT AS col, ...` (BIGINT, not HUGEINT, so Parquet keeps integers)."""
+    return ", ".join(f"sum({c})::BIGINT AS {c}" for c in cols)
+
+
+MONEY = "coalesce(sum(cost_usd), 0) AS cost_usd, coalesce(sum(saved_usd), 0) AS saved_usd"
+MONEY_SUMS = "sum(cost_usd) AS cost_usd, sum(saved_usd) AS saved_usd"
+
 VIEWS: dict[str, str] = {
     # spend per day by team, key and model (sum further for coarser questions)
     "spend_daily": f"""
@@ -97,31 +106,27 @@ VIEWS: dict[str, str] = {
                count(*) AS requests,
                count(*) FILTER (WHERE NOT {OK}) AS errors,
                count(*) FILTER (WHERE cache_hit) AS cache_hits,
-               sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-               sum(cached_tokens) AS cached_tokens, sum(total_tokens) AS total_tokens,
-               coalesce(sum(cost_usd), 0) AS cost_usd, coalesce(sum(saved_usd), 0) AS saved_usd
+               {_sums("prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens")},
+               {MONEY}
         FROM spend_log GROUP BY ALL""",
-    "spend_daily_team": """
-        SELECT day, team, sum(requests) AS requests, sum(total_tokens) AS total_tokens,
-               sum(cost_usd) AS cost_usd, sum(saved_usd) AS saved_usd
+    "spend_daily_team": f"""
+        SELECT day, team, {_sums("requests", "total_tokens")}, {MONEY_SUMS}
         FROM spend_daily GROUP BY ALL""",
-    "spend_daily_key": """
-        SELECT day, api_key_hash, key_alias, team, sum(requests) AS requests,
-               sum(total_tokens) AS total_tokens, sum(cost_usd) AS cost_usd,
-               sum(saved_usd) AS saved_usd
+    "spend_daily_key": f"""
+        SELECT day, api_key_hash, key_alias, team, {_sums("requests", "total_tokens")},
+               {MONEY_SUMS}
         FROM spend_daily GROUP BY ALL""",
-    "spend_daily_model": """
-        SELECT day, model, sum(requests) AS requests, sum(prompt_tokens) AS prompt_tokens,
-               sum(completion_tokens) AS completion_tokens, sum(total_tokens) AS total_tokens,
-               sum(cost_usd) AS cost_usd, sum(saved_usd) AS saved_usd
+    "spend_daily_model": f"""
+        SELECT day, model,
+               {_sums("requests", "prompt_tokens", "completion_tokens", "total_tokens")},
+               {MONEY_SUMS}
         FROM spend_daily GROUP BY ALL""",
     # the last 60 minutes by model (evaluated at query time)
     "spend_last_hour": f"""
         SELECT {MODEL} AS model, count(*) AS requests,
                count(*) FILTER (WHERE NOT {OK}) AS errors,
-               sum(prompt_tokens) AS prompt_tokens, sum(completion_tokens) AS completion_tokens,
-               sum(total_tokens) AS total_tokens,
-               coalesce(sum(cost_usd), 0) AS cost_usd, coalesce(sum(saved_usd), 0) AS saved_usd
+               {_sums("prompt_tokens", "completion_tokens", "total_tokens")},
+               {MONEY}
         FROM spend_log WHERE started_at >= now() - INTERVAL 1 HOUR
         GROUP BY ALL""",
     # response-cache hits and what they saved; provider prompt-cache tokens alongside
@@ -130,7 +135,7 @@ VIEWS: dict[str, str] = {
                count(*) FILTER (WHERE cache_hit) AS cache_hits,
                round(count(*) FILTER (WHERE cache_hit) / count(*), 4) AS hit_rate,
                coalesce(sum(saved_usd), 0) AS saved_usd,
-               coalesce(sum(cached_tokens), 0) AS provider_cached_tokens
+               coalesce(sum(cached_tokens), 0)::BIGINT AS provider_cached_tokens
         FROM spend_log GROUP BY ALL""",
     # how often a model group needed a retry or a fallback
     "fallback_rate": f"""
@@ -160,14 +165,12 @@ VIEWS: dict[str, str] = {
                quantile_cont(latency_ms, 0.99) AS p99_ms
         FROM spend_log WHERE {OK} AND NOT cache_hit AND deployment IS NOT NULL
         GROUP BY ALL""",
-    # every upstream attempt, failed ones included: error mix per deployment
+    # every upstream attempt, failed ones included: outcome mix per deployment
     "attempt_errors": f"""
-        SELECT {DAY} AS day, deployment, api_base, count(*) AS attempts,
-               count(*) FILTER (WHERE error_type IS NOT NULL
-                                OR status_code >= 400) AS failed,
-               CASE WHEN error_type IS NULL AND (status_code IS NULL OR status_code < 400)
-                    THEN 'ok' ELSE coalesce(error_type, CAST(status_code AS VARCHAR)) END
-                   AS outcome
+        SELECT {DAY} AS day, deployment, api_base,
+               CASE WHEN error_type IS NULL AND {OK} THEN 'ok'
+                    ELSE coalesce(error_type, CAST(status_code AS VARCHAR)) END AS outcome,
+               count(*) AS attempts, quantile_cont(latency_ms, 0.5) AS p50_ms
         FROM spend_attempts GROUP BY ALL""",
 }
 

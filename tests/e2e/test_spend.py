@@ -1,0 +1,240 @@
+"""The spend log through the real proxy: every exchange, exact tokens and cost, in DuckDB."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from decimal import Decimal
+
+import duckdb
+import openai
+import pytest
+
+from tests.conftest import deployment
+from tests.fakes.anthropic_server import FakeAnthropic
+from tests.fakes.openai_server import FakeBackend
+
+IN_PRICE, OUT_PRICE = "0.000002", "0.00001"
+
+
+@pytest.fixture
+def fake():
+    """A backend of this test's own, so its token counters are this test's alone."""
+    backend = FakeBackend()
+    backend.url = backend.start()
+    yield backend
+    backend.stop()
+
+
+def config(fake, **extra) -> dict:
+    base = f"{fake.url}/v1"
+    prices = {"input_cost_per_token": float(IN_PRICE), "output_cost_per_token": float(OUT_PRICE)}
+    return {
+        "model_list": [
+            deployment("gpt-4o", "openai/gpt-4o", base, api_key="k", **prices),
+            deployment("broken", "openai/fail-500", base, api_key="k"),
+            deployment("backup", "openai/gpt-4o-mini", base, api_key="k"),
+            deployment("quiet", "openai/no-usage", base, api_key="k"),
+            deployment("local", "ollama/qwen3:8b", fake.url),
+        ],
+        "router_settings": {"fallbacks": [{"broken": ["backup"]}], "num_retries": 0},
+        **extra,
+    }
+
+
+def rows(db, sql: str) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_concurrent_mixed_run_reconciles_exactly_with_the_backend(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    n = 20
+
+    async def run():
+        async with proxy.async_client() as client:
+
+            async def plain(i):
+                await client.chat.completions.create(
+                    model="gpt-4o", messages=[{"role": "user", "content": f"plain {i} a b"}]
+                )
+
+            async def streamed(i):
+                stream = await client.chat.completions.create(
+                    model="gpt-4o",
+                    stream=True,
+                    messages=[{"role": "user", "content": f"streamed {i} c"}],
+                )
+                async for _ in stream:
+                    pass
+
+            await asyncio.gather(*[plain(i) for i in range(n)], *[streamed(i) for i in range(n)])
+
+    asyncio.run(run())
+    assert proxy.stop() == 0  # SIGTERM: everything flushed on the way out
+    (count, prompt, completion, cost, streams, estimated) = rows(
+        proxy.spend_db,
+        "select count(*), sum(prompt_tokens), sum(completion_tokens), sum(cost_usd),"
+        " count(*) filter (where stream), count(*) filter (where usage_source <> 'upstream')"
+        " from spend_log",
+    )[0]
+    assert count == 2 * n and streams == n and estimated == 0
+    assert prompt == fake.state.prompt_tokens and completion == fake.state.completion_tokens
+    expected = prompt * Decimal(IN_PRICE) + completion * Decimal(OUT_PRICE)
+    assert cost == expected  # exact, not a float approximation
+
+
+def test_errors_fallbacks_and_attempts_are_logged(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    with proxy.client() as client:
+        client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="gpt-4o", messages="not a list")  # type: ignore[arg-type]
+    proxy.stop()
+    logged = rows(
+        proxy.spend_db,
+        "select requested_model, deployment, status_code, fallback_used, attempts, error_type"
+        " from spend_log order by started_at",
+    )
+    assert logged[0][:5] == ("broken", "openai/gpt-4o-mini", 200, True, 2)
+    assert logged[1][2] == 400 and logged[1][5]
+    attempts = rows(
+        proxy.spend_db,
+        "select attempt, deployment, status_code from spend_attempts order by started_at",
+    )
+    assert attempts == [(1, "openai/fail-500", 500), (2, "openai/gpt-4o-mini", 200)]
+
+
+def test_backend_without_usage_is_estimated_never_zero(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    with proxy.client() as client:
+        client.chat.completions.create(
+            model="quiet", messages=[{"role": "user", "content": "count these words please"}]
+        )
+        list(
+            client.chat.completions.create(
+                model="quiet", stream=True, messages=[{"role": "user", "content": "and these"}]
+            )
+        )
+    proxy.stop()
+    logged = rows(
+        proxy.spend_db, "select prompt_tokens, completion_tokens, usage_source from spend_log"
+    )
+    assert len(logged) == 2
+    assert all(p > 0 and c > 0 and source == "estimated" for p, c, source in logged)
+
+
+def test_ollama_is_free_and_unknown_prices_are_null(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    with proxy.client() as client:
+        client.chat.completions.create(model="local", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(model="quiet", messages=[{"role": "user", "content": "x"}])
+    proxy.stop()
+    costs = dict(rows(proxy.spend_db, "select model_group, cost_usd from spend_log"))
+    assert costs["local"] == 0
+    assert costs["quiet"] is None  # `no-usage` is no known model: NULL, not a silent 0
+    assert proxy.logs().count("no-usage") >= 1
+
+
+def test_cache_hit_costs_nothing_and_records_the_saving(start_proxy, fake):
+    proxy = start_proxy(config(fake, litellm_settings={"cache": True}))
+    with proxy.client() as client:
+        for _ in range(2):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "same question"}]
+            )
+    proxy.stop()
+    logged = rows(
+        proxy.spend_db, "select cache_hit, cost_usd, saved_usd from spend_log order by started_at"
+    )
+    (miss_hit, miss_cost, _), (hit, hit_cost, saved) = logged
+    assert not miss_hit and hit and hit_cost == 0 and saved == miss_cost > 0
+
+
+def test_a_reader_holding_the_file_costs_no_rows(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    with proxy.client() as client:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        time.sleep(1.0)  # first flush creates the file
+        reader = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import duckdb, sys, time; con = duckdb.connect(sys.argv[1], read_only=True);"
+                "print(con.execute('select count(*) from spend_log').fetchone()[0], flush=True);"
+                "time.sleep(2)",
+                str(proxy.spend_db),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        first_line = reader.stdout.readline()
+        for i in range(10):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": f"while read {i}"}]
+            )
+        reader.wait(10)
+    assert int(first_line) >= 1  # readable while the proxy runs
+    proxy.stop()
+    assert rows(proxy.spend_db, "select count(*) from spend_log")[0][0] == 11
+
+
+def test_sigkill_loses_at_most_the_last_flush_interval(start_proxy, fake):
+    proxy = start_proxy(config(fake))
+    with proxy.client() as client:
+        for i in range(5):
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": f"before {i}"}]
+            )
+        time.sleep(1.5)  # older than the flush interval: must survive
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "late"}]
+        )
+    proxy.stop(signal.SIGKILL)
+    assert rows(proxy.spend_db, "select count(*) from spend_log")[0][0] >= 5
+
+
+def test_passthrough_of_unknown_models_is_logged(start_proxy, fake):
+    """An unlisted model goes to its original host unchanged, and is logged all the same."""
+    port = fake.url.rsplit(":", 1)[1]
+    proxy = start_proxy(config(fake, general_settings={"intercept_hosts": ["127.0.0.1"]}))
+    with proxy.http() as http:
+        resp = http.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "unlisted-model", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert resp.status_code == 200 and resp.json()["model"] == "unlisted-model"
+    proxy.stop()
+    logged = rows(
+        proxy.spend_db, "select requested_model, deployment, prompt_tokens from spend_log"
+    )
+    assert logged == [("unlisted-model", "passthrough/unlisted-model", 1)]
+
+
+def test_claude_usage_is_priced_at_claudes_rates(start_proxy):
+    with FakeAnthropic() as claude:
+        proxy = start_proxy(
+            {
+                "model_list": [
+                    deployment(
+                        "gpt-4o", "anthropic/claude-opus-4-20250514", claude.base_url, api_key="k"
+                    )
+                ]
+            }
+        )
+        with proxy.client() as client:
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "price me"}]
+            )
+        proxy.stop()
+        reported = claude.requests[-1].usage
+    ((prompt, completion, cost),) = rows(
+        proxy.spend_db, "select prompt_tokens, completion_tokens, cost_usd from spend_log"
+    )
+    assert (prompt, completion) == (reported["input_tokens"], reported["output_tokens"])
+    # claude-opus-4: $15 / M input, $75 / M output
+    assert cost == (prompt * Decimal(15) + completion * Decimal(75)) / 10**6
+
