@@ -148,7 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--export", metavar="PATH", help="write the summary table as Parquet")
     p.add_argument("--export-rows", metavar="PATH", help="write the window's raw rows as Parquet")
     p.add_argument("--wait", type=float, default=5.0, help="seconds to retry a busy file")
+    p.add_argument("--sql", metavar="QUERY", help="run any SQL read-only and print the result")
     args = p.parse_args(argv)
+    if args.sql:
+        con = connect_readonly(args.db or default_db(), args.wait)
+        try:
+            cur = con.execute(args.sql)
+            rows = cur.fetchall()
+            print(render([d[0] for d in cur.description], rows, 0) if rows else "no rows")
+        finally:
+            con.close()
+        return 0
 
     by = [] if args.by in ("", "none") else [g.strip() for g in args.by.split(",") if g.strip()]
     bad = [g for g in by if g not in GROUPS]

@@ -78,3 +78,17 @@ def test_bad_arguments(db: Path, tmp_path: Path) -> None:
     assert run("--db", str(db), "--since", "soon").returncode == 2
     missing = run("--db", str(tmp_path / "nope.duckdb"))
     assert missing.returncode != 0 and "no spend database" in missing.stderr
+
+
+def test_sql_option_runs_any_read_only_query(tmp_path):
+    import duckdb
+
+    db = tmp_path / "s.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute("create table spend_log as select 'gpt-4o' as model_group, 1.5 as cost_usd")
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--db", str(db), "--sql",
+         "select model_group, sum(cost_usd) as usd from spend_log group by 1"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "gpt-4o" in out.stdout and "1.5" in out.stdout
