@@ -3,15 +3,23 @@
 Assembles the addon chain. Order matters: each addon sees a request after the ones before it.
 """
 
+from mitmroute.addons.alerts import Alerts
+from mitmroute.addons.auth import KeyAuth
 from mitmroute.addons.console import Console
 from mitmroute.addons.lazy_connect import LazyConnect
+from mitmroute.addons.metrics import Metrics
 from mitmroute.addons.router import Router
 from mitmroute.addons.shared import Shared
+from mitmroute.addons.spend import SpendLog
 
 shared = Shared()
 
 addons = [
     LazyConnect(),
+    KeyAuth(shared),
     Router(shared),
+    SpendLog(shared),
+    Metrics(shared),
+    Alerts(shared),
     Console(shared),
 ]

@@ -194,6 +194,11 @@ class RouterSettings:
     stream_timeout: float | None = None
     routing_strategy: str = "simple-shuffle"
     model_group_alias: dict[str, str] = field(default_factory=dict)
+    redis_host: str | None = None
+    redis_port: int | None = None
+    redis_password: str | None = None
+    redis_url: str | None = None
+    """Shared state (keys, budgets, rate limits) for several proxies; see `mitmroute.auth`."""
 
 
 DEFAULT_CALL_TYPES = ("chat_completions", "completions", "embeddings")
@@ -488,6 +493,10 @@ def _router_settings(raw: Any, groups: set[str], environ: dict[str, str]) -> Rou
         stream_timeout=_number(r.get("stream_timeout"), f"{path}.stream_timeout"),
         routing_strategy=str(r.get("routing_strategy", "simple-shuffle")),
         model_group_alias=alias,
+        redis_host=r.get("redis_host"),
+        redis_port=_number(r.get("redis_port"), f"{path}.redis_port", integer=True),
+        redis_password=r.get("redis_password"),
+        redis_url=r.get("redis_url"),
     )
 
 

@@ -145,6 +145,31 @@ def endpoint_of(path: str) -> str | None:
     return path[4:].rstrip("/")
 
 
+def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | None:
+    """The spend-log record of a request refused before routing (auth, budget, rate limit)."""
+    endpoint = endpoint_of(request.path)
+    if endpoint not in ROUTED_ENDPOINTS:
+        return None
+    key = bearer(request.headers)
+    exchange = Exchange(
+        request_id=f"mr-{uuid.uuid4().hex}",
+        started_at=now_utc(),
+        endpoint=endpoint,
+        api_key_hash=request.identity.get("api_key_hash") or (hash_key(key) if key else None),
+        key_alias=request.identity.get("key_alias"),
+        team=request.identity.get("team"),
+        status_code=error.status,
+        error_type=error.code or error.type,
+        clock_start=time.perf_counter(),
+    )
+    with contextlib.suppress(ValueError, AttributeError):
+        body = json.loads(request.body)
+        exchange.requested_model = str(body.get("model")) if body.get("model") else None
+        exchange.stream = body.get("stream") is True
+    exchange.ended_at, exchange.latency_ms = exchange.started_at, 0.0
+    return exchange
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -59,6 +59,7 @@ class Router:
         old = self.engine
         self.engine = Engine(config)
         self.engine.listeners.append(self.shared.publish_exchange)
+        self.engine.cooldowns.listeners.append(self.shared.publish_cooldown)
         self.shared.publish_config(config)
         log.info(
             "mitmroute: %d deployments in %d groups from %s",

@@ -238,3 +238,12 @@ def test_claude_usage_is_priced_at_claudes_rates(start_proxy):
     # claude-opus-4: $15 / M input, $75 / M output
     assert cost == (prompt * Decimal(15) + completion * Decimal(75)) / 10**6
 
+
+
+def test_refused_requests_are_logged_too(start_proxy, fake):
+    proxy = start_proxy(config(fake, general_settings={"master_key": "sk-master"}))
+    with proxy.client(api_key="sk-wrong") as client, pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    proxy.stop()
+    logged = rows(proxy.spend_db, "select requested_model, status_code, error_type from spend_log")
+    assert logged == [("gpt-4o", 401, "invalid_api_key")]

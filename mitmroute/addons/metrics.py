@@ -1,0 +1,53 @@
+"""Serves Prometheus metrics of the routed traffic (see `mitmroute.metrics` for the names)."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx
+
+from mitmroute.addons.shared import Shared
+from mitmroute.auth.limits import CostEstimator
+from mitmroute.config import RouterConfig
+from mitmroute.exchange import Exchange
+from mitmroute.metrics import MetricsServer, RouterMetrics, metrics_port
+
+log = logging.getLogger("mitmroute.metrics")
+
+
+class Metrics:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+        self.metrics = RouterMetrics()
+        self.server = MetricsServer(self.metrics.registry)
+        self.port: int | None = None
+        self.cache_enabled = False
+        self.estimator: CostEstimator | None = None
+        shared.config_listeners.append(self.configured)
+        shared.listeners.append(self.exchange_done)
+        shared.cooldown_listeners.append(self.metrics.cooldown)
+        shared.budget_listeners.append(self.metrics.budget)
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "metrics_host", str, "",
+            "Address of the Prometheus /metrics page (port: general_settings.metrics_port). "
+            "Default: all interfaces.",
+        )  # fmt: skip
+
+    def configured(self, config: RouterConfig) -> None:
+        self.port = metrics_port(config)
+        self.cache_enabled = config.cache.enabled
+        self.estimator = CostEstimator(config) if self.port is not None else None
+
+    def configure(self, updated: set[str]) -> None:
+        self.server.serve(self.port, ctx.options.metrics_host)
+
+    def done(self) -> None:
+        self.server.stop()
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        if self.port is None:
+            return
+        cost = self.estimator.cost(exchange) if self.estimator is not None else exchange.cost_usd
+        self.metrics.exchange(exchange, cost, self.cache_enabled)

@@ -1,0 +1,418 @@
+"""Virtual keys: records, generation, hashing, and the stores that keep them.
+
+A key is shown once, when it is generated (``sk-`` + 32 random url-safe bytes); only its sha256
+hex digest, the *token*, is ever stored. Two stores share one async interface:
+
+* :class:`MemoryKeyStore`: a dict in the proxy, persisted to a DuckDB file beside the spend log
+  (``<spend_db stem>.keys.duckdb``, a separate file so the two never contend for DuckDB's
+  single-writer lock). Every write goes through one writer thread, off the event loop. DuckDB
+  lets one process hold the file: ``scripts/keys.py`` edits it while the proxy is stopped.
+* :class:`RedisKeyStore`: one Redis hash shared by every proxy on that Redis, read on every
+  request (one HGET), so a key deleted through any proxy stops working everywhere at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import json
+import secrets
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from mitmroute.config import ConfigError, parse_duration
+from mitmroute.engine import hash_key
+from mitmroute.errors import ProxyError
+
+T = TypeVar("T")
+__all__ = ["KeyRecord", "KeyStore", "KeysDB", "MemoryKeyStore", "RedisKeyStore", "hash_key"]
+
+KEY_PREFIX = "sk-"
+ALL_MODELS = frozenset({"*", "all-proxy-models"})
+"""`models` entries that allow every model group (LiteLLM's spelling included)."""
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def abbreviate(key: str) -> str:
+    """`sk-...wxyz`: enough to recognise a key in a list, never enough to use it."""
+    return f"{key[:3]}...{key[-4:]}"
+
+
+def is_token(value: str) -> bool:
+    """True for a stored token (64 hex digits) rather than a key."""
+    return len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def token_of(key_or_token: str) -> str:
+    """Accept a key (hashed here) or its token, like LiteLLM's key API does."""
+    return key_or_token if is_token(key_or_token) else hash_key(key_or_token)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _dt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    """One virtual key, as stored (LiteLLM's field names)."""
+
+    token: str
+    key_name: str
+    key_alias: str | None = None
+    team_id: str | None = None
+    user_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    models: list[str] = field(default_factory=list)
+    max_budget: float | None = None
+    budget_duration: str | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    expires: datetime | None = None
+    blocked: bool = False
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    updated_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def team(self) -> str | None:
+        """`team_id`, else `metadata.team`."""
+        team = self.team_id or self.metadata.get("team")
+        return str(team) if team else None
+
+    def expired(self, now: datetime) -> bool:
+        return self.expires is not None and self.expires <= now
+
+    def allows(self, *models: str) -> bool:
+        """May this key call any of `models` (requested name, model group)?"""
+        if not self.models or ALL_MODELS.intersection(self.models):
+            return True
+        return any(fnmatch.fnmatchcase(m, pattern) for m in models for pattern in self.models)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for name in ("expires", "created_at", "updated_at"):
+            data[name] = _iso(getattr(self, name))
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> KeyRecord:
+        data = json.loads(text)
+        for name in ("expires", "created_at", "updated_at"):
+            data[name] = _dt(data.get(name))
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        data["created_at"] = data["created_at"] or datetime.now(UTC)
+        data["updated_at"] = data["updated_at"] or data["created_at"]
+        return cls(**data)
+
+    def public(self) -> dict[str, Any]:
+        """The record as the key API shows it (never the key itself)."""
+        data = asdict(self)
+        for name in ("expires", "created_at", "updated_at"):
+            data[name] = _iso(getattr(self, name))
+        return data
+
+
+# --- validation of key API bodies ------------------------------------------------------------
+
+EDITABLE = ("key_alias", "team_id", "user_id", "metadata", "models", "max_budget",
+            "budget_duration", "rpm_limit", "tpm_limit", "duration", "blocked")  # fmt: skip
+
+
+def _invalid(param: str, message: str) -> ProxyError:
+    return ProxyError(400, f"{param}: {message}", "invalid_request_error", code="invalid_field",
+                      param=param, kind="bad_request")  # fmt: skip
+
+
+def _opt_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _invalid(name, "expected a non-empty string")
+    return value
+
+
+def _opt_number(body: dict[str, Any], name: str, *, integer: bool) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _invalid(name, "expected a number >= 0")
+    if integer:
+        if value != int(value):
+            raise _invalid(name, "expected an integer")
+        return int(value)
+    return float(value)
+
+
+def _opt_duration(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value, name)
+    except ConfigError as e:
+        raise _invalid(name, str(e).split(": ", 1)[-1]) from None
+    if seconds <= 0:
+        raise _invalid(name, "must be longer than 0s")
+    return str(value)
+
+
+def parse_fields(body: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """Validated record fields from a /key/generate or /key/update body (only those present).
+
+    `duration` becomes `expires` (from `now`); an explicit null clears a field.
+    """
+    out: dict[str, Any] = {}
+    for name in ("key_alias", "team_id", "user_id"):
+        if name in body:
+            out[name] = _opt_str(body, name)
+    if "metadata" in body:
+        metadata = body["metadata"] if body["metadata"] is not None else {}
+        if not isinstance(metadata, dict):
+            raise _invalid("metadata", "expected an object")
+        out["metadata"] = metadata
+    if "models" in body:
+        models = body["models"] if body["models"] is not None else []
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise _invalid("models", "expected a list of model group names")
+        out["models"] = list(models)
+    if "max_budget" in body:
+        out["max_budget"] = _opt_number(body, "max_budget", integer=False)
+    for name in ("rpm_limit", "tpm_limit"):
+        if name in body:
+            out[name] = _opt_number(body, name, integer=True)
+    if "budget_duration" in body:
+        out["budget_duration"] = _opt_duration(body, "budget_duration")
+    if "duration" in body:
+        duration = _opt_duration(body, "duration")
+        out["expires"] = (now + timedelta(seconds=parse_duration(duration, "duration"))
+                          if duration else None)  # fmt: skip
+    if "blocked" in body:
+        if not isinstance(body["blocked"], bool):
+            raise _invalid("blocked", "expected a boolean")
+        out["blocked"] = body["blocked"]
+    return out
+
+
+def make_record(key: str, fields: dict[str, Any], now: datetime) -> KeyRecord:
+    return KeyRecord(token=hash_key(key), key_name=abbreviate(key), created_at=now,
+                     updated_at=now, **fields)  # fmt: skip
+
+
+def updated(record: KeyRecord, fields: dict[str, Any], now: datetime) -> KeyRecord:
+    return replace(record, **fields, updated_at=now)
+
+
+# --- the DuckDB file -------------------------------------------------------------------------
+
+
+def keys_db_path(spend_db: str) -> str | None:
+    """`./spend.duckdb` -> `./spend.keys.duckdb`; None when the spend log is in memory."""
+    if not spend_db or spend_db == ":memory:":
+        return None
+    path = Path(spend_db).expanduser()
+    return str(path.with_name(f"{path.stem}.keys.duckdb"))
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    token VARCHAR PRIMARY KEY,
+    key_alias VARCHAR,
+    team_id VARCHAR,
+    record VARCHAR NOT NULL
+);
+CREATE TABLE IF NOT EXISTS key_spend (
+    token VARCHAR PRIMARY KEY,
+    window_index BIGINT NOT NULL,
+    spent_nanos BIGINT NOT NULL
+);
+"""
+
+
+class KeysDB:
+    """The keys file. Methods are blocking; `run` executes one on the writer thread."""
+
+    def __init__(self, path: str) -> None:
+        import duckdb
+
+        self.path = path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # v1.1 storage, like the spend log: DuckDB CLI 1.x can read it too
+            self._conn = duckdb.connect(path, config={"storage_compatibility_version": "v1.1.0"})
+        except duckdb.IOException as e:
+            raise RuntimeError(f"{path}: cannot open the keys file (is another mitmroute "
+                               f"process using it?): {e}") from None  # fmt: skip
+        self._conn.execute(SCHEMA)
+        self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mitmroute-keys")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    def load_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._conn.execute("SELECT record FROM keys").fetchall()
+        return [KeyRecord.from_json(r[0]) for r in rows]
+
+    def save_key(self, record: KeyRecord) -> None:
+        with self._lock:
+            self._conn.execute("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?)",
+                               [record.token, record.key_alias, record.team_id,
+                                record.to_json()])  # fmt: skip
+
+    def delete_keys(self, tokens: list[str]) -> None:
+        with self._lock:
+            for token in tokens:
+                self._conn.execute("DELETE FROM keys WHERE token = ?", [token])
+                self._conn.execute("DELETE FROM key_spend WHERE token = ?", [token])
+
+    def load_spend(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT token, window_index, spent_nanos FROM key_spend")
+            return {token: (window, nanos) for token, window, nanos in rows.fetchall()}
+
+    def save_spend(self, rows: list[tuple[str, int, int]]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._conn.executemany("INSERT OR REPLACE INTO key_spend VALUES (?, ?, ?)", rows)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        with self._lock:
+            self._conn.close()
+
+
+# --- stores ----------------------------------------------------------------------------------
+
+
+class KeyStore(Protocol):
+    async def get(self, token: str) -> KeyRecord | None: ...
+    async def by_alias(self, alias: str) -> KeyRecord | None: ...
+    async def put(self, record: KeyRecord, previous_alias: str | None = None) -> bool:
+        """Store `record`; False when its alias belongs to another key."""
+        ...
+
+    async def delete(self, tokens: list[str]) -> None: ...
+    async def all(self) -> list[KeyRecord]: ...
+    async def close(self) -> None: ...
+
+
+class MemoryKeyStore:
+    """Keys in a dict, persisted to a :class:`KeysDB` when given."""
+
+    def __init__(self, db: KeysDB | None = None) -> None:
+        self.db = db
+        self._keys: dict[str, KeyRecord] = {}
+        self._aliases: dict[str, str] = {}
+        for record in db.load_keys() if db else []:
+            self._index(record)
+
+    def _index(self, record: KeyRecord) -> None:
+        self._keys[record.token] = record
+        if record.key_alias:
+            self._aliases[record.key_alias] = record.token
+
+    async def get(self, token: str) -> KeyRecord | None:
+        return self._keys.get(token)
+
+    async def by_alias(self, alias: str) -> KeyRecord | None:
+        token = self._aliases.get(alias)
+        return self._keys.get(token) if token else None
+
+    async def put(self, record: KeyRecord, previous_alias: str | None = None) -> bool:
+        owner = self._aliases.get(record.key_alias) if record.key_alias else None
+        if owner is not None and owner != record.token:
+            return False
+        if previous_alias and previous_alias != record.key_alias:
+            self._aliases.pop(previous_alias, None)
+        self._index(record)
+        if self.db is not None:
+            await self.db.run(self.db.save_key, record)
+        return True
+
+    async def delete(self, tokens: list[str]) -> None:
+        for token in tokens:
+            record = self._keys.pop(token, None)
+            if record is not None and record.key_alias:
+                self._aliases.pop(record.key_alias, None)
+        if self.db is not None:
+            await self.db.run(self.db.delete_keys, tokens)
+
+    async def all(self) -> list[KeyRecord]:
+        return list(self._keys.values())
+
+    async def close(self) -> None:
+        pass  # the KeysDB is closed by whoever opened it
+
+
+_PUT = """
+local owner = redis.call('HGET', KEYS[2], ARGV[2])
+if ARGV[2] ~= '' and owner and owner ~= ARGV[1] then return 0 end
+if ARGV[4] ~= '' and ARGV[4] ~= ARGV[2] then
+  if redis.call('HGET', KEYS[2], ARGV[4]) == ARGV[1] then redis.call('HDEL', KEYS[2], ARGV[4]) end
+end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[1]) end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+
+
+class RedisKeyStore:
+    """Keys in the Redis hash `<namespace>:auth:keys`, aliases in `<namespace>:auth:aliases`."""
+
+    def __init__(self, client: Any, namespace: str = "mitmroute") -> None:
+        self.client = client
+        self.keys_key = f"{namespace}:auth:keys"
+        self.aliases_key = f"{namespace}:auth:aliases"
+        self._put = client.register_script(_PUT)
+
+    async def get(self, token: str) -> KeyRecord | None:
+        raw = await self.client.hget(self.keys_key, token)
+        return KeyRecord.from_json(raw) if raw is not None else None
+
+    async def by_alias(self, alias: str) -> KeyRecord | None:
+        token = await self.client.hget(self.aliases_key, alias)
+        if token is None:
+            return None
+        return await self.get(token.decode() if isinstance(token, bytes) else token)
+
+    async def put(self, record: KeyRecord, previous_alias: str | None = None) -> bool:
+        ok = await self._put(keys=[self.keys_key, self.aliases_key],
+                             args=[record.token, record.key_alias or "", record.to_json(),
+                                   previous_alias or ""])  # fmt: skip
+        return bool(ok)
+
+    async def delete(self, tokens: list[str]) -> None:
+        records = [r for r in [await self.get(t) for t in tokens] if r is not None]
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys_key, *tokens)
+            aliases = [r.key_alias for r in records if r.key_alias]
+            if aliases:
+                pipe.hdel(self.aliases_key, *aliases)
+            await pipe.execute()
+
+    async def all(self) -> list[KeyRecord]:
+        raw = await self.client.hgetall(self.keys_key)
+        return [KeyRecord.from_json(v) for v in raw.values()]
+
+    async def close(self) -> None:
+        pass  # the client is closed by whoever opened it
+
+
+def sort_records(records: Iterable[KeyRecord]) -> list[KeyRecord]:
+    """Oldest first, a stable order for /key/list pages."""
+    return sorted(records, key=lambda r: (r.created_at, r.token))

@@ -1,0 +1,515 @@
+"""Budgets and rate limits per virtual key, in-process or shared through Redis.
+
+**Budgets.** A key's spend is counted per budget window: windows of ``budget_duration``
+anchored at the key's creation (a ``30d`` key resets every 30 days after it was made), or one
+lifetime window without a duration. Amounts are integer nano-dollars, so Redis adds them
+atomically and nothing is lost to float rounding.
+
+*Reserve on start, settle on finish.* A request is admitted while
+``spend + outstanding reservations < max_budget``; it then reserves its estimated cost
+(:class:`CostEstimator`: prompt bytes / 4 at the group's highest input price, plus
+``max_tokens`` (else 1024) at its highest output price). When the exchange finishes the
+reservation is dropped and the real cost added. Concurrent requests see each other's
+reservations, so as long as estimates are not below real costs the spend ends below
+``max_budget`` + one request's estimate, however many requests race. Reservations expire after
+the router's timeout + 60 s, so a crashed proxy cannot hold a budget for ever.
+
+**Rate limits.** ``rpm_limit`` / ``tpm_limit`` count per clock minute, as LiteLLM does. A
+request is admitted while the minute's request count is below ``rpm_limit`` and its token count
+below ``tpm_limit``; tokens (``usage.total_tokens``) are added when the exchange finishes.
+
+**Backends.** :class:`MemoryLimiter` keeps dicts on the event loop (single-threaded, so check and
+reserve are one step) and persists spend to the keys DuckDB file a second after it changes and
+at shutdown. :class:`RedisLimiter` admits with one Lua script and settles with another, so any
+number of proxies on one Redis enforce one limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mitmroute.config import parse_duration
+
+if TYPE_CHECKING:
+    from mitmroute.auth.keys import KeyRecord, KeysDB
+    from mitmroute.config import Deployment, GeneralSettings, RouterConfig
+    from mitmroute.exchange import Exchange
+
+log = logging.getLogger("mitmroute.auth")
+
+NANOS = 10**9
+MINUTE = 60
+FLUSH_DELAY = 1.0
+DEFAULT_OUTPUT_TOKENS = 1024
+BYTES_PER_TOKEN = 4
+
+
+def usd_to_nanos(usd: Decimal | float | int | None) -> int:
+    """Dollars to integer nano-dollars, rounded up (a budget never under-counts)."""
+    if usd is None:
+        return 0
+    value = usd if isinstance(usd, Decimal) else Decimal(str(usd))
+    return int((value * NANOS).to_integral_value(ROUND_CEILING))
+
+
+def nanos_to_usd(nanos: int) -> float:
+    return nanos / NANOS
+
+
+# --- what a key may use ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """One key's limits: its own, with general_settings' budget for keys that set none."""
+
+    token: str
+    max_budget: int | None = None
+    """Nano-dollars per window; None = no budget."""
+    budget_seconds: float | None = None
+    """Window length; None = one lifetime window."""
+    anchor: float = 0.0
+    """Epoch seconds the windows count from (the key's creation)."""
+    rpm: int | None = None
+    tpm: int | None = None
+
+    @classmethod
+    def of(cls, record: KeyRecord, general: GeneralSettings | None = None) -> Policy:
+        max_budget, duration = record.max_budget, record.budget_duration
+        if max_budget is None and general is not None:
+            max_budget = general.max_budget
+            duration = duration or general.budget_duration
+        return cls(
+            token=record.token,
+            max_budget=usd_to_nanos(max_budget) if max_budget is not None else None,
+            budget_seconds=parse_duration(duration, "budget_duration") if duration else None,
+            anchor=record.created_at.timestamp(),
+            rpm=record.rpm_limit,
+            tpm=record.tpm_limit,
+        )
+
+    def window(self, now: float) -> int:
+        if not self.budget_seconds:
+            return 0
+        return int((now - self.anchor) // self.budget_seconds)
+
+    def reset_at(self, now: float) -> float | None:
+        """When the current budget window ends (epoch seconds)."""
+        if not self.budget_seconds:
+            return None
+        return self.anchor + (self.window(now) + 1) * self.budget_seconds
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Budget held for one admitted request until its exchange settles it."""
+
+    policy: Policy
+    nanos: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    key_alias: str | None = None
+    team: str | None = None
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The answer to 'may this request start?'."""
+
+    policy: Policy
+    reason: str | None = None
+    """None when admitted; else 'rpm', 'tpm' or 'budget'."""
+    reservation: Reservation | None = None
+    requests: int = 0
+    """Requests this minute, this one included when admitted."""
+    tokens: int = 0
+    spent: int = 0
+    reserved: int = 0
+    now: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+    @property
+    def minute_left(self) -> float:
+        return MINUTE - (self.now % MINUTE)
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers (and Retry-After on a rate-limit rejection)."""
+        out: dict[str, str] = {}
+        reset = f"{math.ceil(self.minute_left)}s"
+        if self.policy.rpm is not None:
+            out["x-ratelimit-limit-requests"] = str(self.policy.rpm)
+            out["x-ratelimit-remaining-requests"] = str(max(0, self.policy.rpm - self.requests))
+            out["x-ratelimit-reset-requests"] = reset
+        if self.policy.tpm is not None:
+            out["x-ratelimit-limit-tokens"] = str(self.policy.tpm)
+            out["x-ratelimit-remaining-tokens"] = str(max(0, self.policy.tpm - self.tokens))
+            out["x-ratelimit-reset-tokens"] = reset
+        if self.reason in ("rpm", "tpm"):
+            out["retry-after"] = str(math.ceil(self.minute_left))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUpdate:
+    """A key's spend moved from `before` to `after` (nano-dollars) in its current window."""
+
+    token: str
+    key_alias: str | None
+    team: str | None
+    before: int
+    after: int
+    max_budget: int | None
+    window: int
+    reset_at: float | None
+
+    def crossed(self, fraction: float) -> bool:
+        """Did this change cross `fraction` of the budget (upwards)?"""
+        if not self.max_budget:
+            return False
+        line = self.max_budget * fraction
+        return self.before < line <= self.after
+
+    @property
+    def remaining_usd(self) -> float | None:
+        if self.max_budget is None:
+            return None
+        return nanos_to_usd(self.max_budget - self.after)
+
+
+class Limiter(Protocol):
+    async def admit(self, policy: Policy, estimate: int, now: float | None = None) -> Verdict: ...
+    async def settle(self, reservation: Reservation, cost: int, tokens: int,
+                     now: float | None = None) -> BudgetUpdate: ...  # fmt: skip
+    async def spent(self, policy: Policy, now: float | None = None) -> int: ...
+    async def forget(self, token: str) -> None: ...
+    async def close(self) -> None: ...
+
+
+# --- in-process ------------------------------------------------------------------------------
+
+
+class MemoryLimiter:
+    """Limits of one process; spend survives restarts through the keys DuckDB file."""
+
+    def __init__(self, db: KeysDB | None = None, reservation_ttl: float = 660.0,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.db = db
+        self.reservation_ttl = reservation_ttl
+        self._clock = clock
+        self._spend: dict[str, tuple[int, int]] = db.load_spend() if db else {}
+        self._reserved: dict[str, dict[str, tuple[int, float]]] = {}
+        self._requests: dict[str, tuple[int, int]] = {}
+        self._tokens: dict[str, tuple[int, int]] = {}
+        self._dirty: set[str] = set()
+        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _count(table: dict[str, tuple[int, int]], token: str, window: int) -> int:
+        held = table.get(token)
+        return held[1] if held is not None and held[0] == window else 0
+
+    def _held(self, token: str, now: float) -> int:
+        held = self._reserved.get(token)
+        if not held:
+            return 0
+        for rid in [rid for rid, (_, until) in held.items() if until <= now]:
+            del held[rid]
+        return sum(n for n, _ in held.values())
+
+    async def admit(self, policy: Policy, estimate: int, now: float | None = None) -> Verdict:
+        now = self._clock() if now is None else now
+        token, minute = policy.token, int(now // MINUTE)
+        requests = self._count(self._requests, token, minute)
+        tokens = self._count(self._tokens, token, minute)
+        spent = self._count(self._spend, token, policy.window(now))
+        reserved = self._held(token, now) if policy.max_budget is not None else 0
+        verdict = Verdict(policy, requests=requests, tokens=tokens, spent=spent,
+                          reserved=reserved, now=now)  # fmt: skip
+        if policy.rpm is not None and requests >= policy.rpm:
+            verdict.reason = "rpm"
+        elif policy.tpm is not None and tokens >= policy.tpm:
+            verdict.reason = "tpm"
+        elif policy.max_budget is not None and spent + reserved >= policy.max_budget:
+            verdict.reason = "budget"
+        if verdict.reason is not None:
+            return verdict
+        reservation = Reservation(policy, estimate if policy.max_budget is not None else 0)
+        if reservation.nanos:
+            held = self._reserved.setdefault(token, {})
+            held[reservation.id] = (reservation.nanos, now + self.reservation_ttl)
+        self._requests[token] = (minute, requests + 1)
+        verdict.requests, verdict.reservation = requests + 1, reservation
+        return verdict
+
+    async def settle(self, reservation: Reservation, cost: int, tokens: int,
+                     now: float | None = None) -> BudgetUpdate:  # fmt: skip
+        now = self._clock() if now is None else now
+        policy, token = reservation.policy, reservation.policy.token
+        held = self._reserved.get(token)
+        if held is not None:
+            held.pop(reservation.id, None)
+            if not held:
+                del self._reserved[token]
+        if tokens > 0:
+            minute = int(now // MINUTE)
+            self._tokens[token] = (minute, self._count(self._tokens, token, minute) + tokens)
+        window = policy.window(now)
+        before = self._count(self._spend, token, window)
+        after = before + max(cost, 0)
+        if after != before or token not in self._spend:
+            self._spend[token] = (window, after)
+            self._mark(token)
+        return BudgetUpdate(token, reservation.key_alias, reservation.team, before, after,
+                            policy.max_budget, window, policy.reset_at(now))  # fmt: skip
+
+    async def spent(self, policy: Policy, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        return self._count(self._spend, policy.token, policy.window(now))
+
+    async def forget(self, token: str) -> None:
+        for table in (self._spend, self._reserved, self._requests, self._tokens):
+            table.pop(token, None)
+        self._dirty.discard(token)
+
+    def _mark(self, token: str) -> None:
+        if self.db is None:
+            return
+        self._dirty.add(token)
+        if self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(FLUSH_DELAY, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flush = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Write changed spend to the keys file (on its writer thread)."""
+        if self.db is None or not self._dirty:
+            return
+        rows = [(t, *self._spend[t]) for t in self._dirty if t in self._spend]
+        self._dirty.clear()
+        try:
+            await self.db.run(self.db.save_spend, rows)
+        except Exception:
+            log.exception("auth: could not persist key spend")
+
+    async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush()
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+_ADMIT = """
+local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
+local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
+local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local reserved = 0
+if budget >= 0 then
+  local held = redis.call('HGETALL', KEYS[4])
+  for i = 1, #held, 2 do
+    local sep = string.find(held[i + 1], ':', 1, true)
+    local amount = tonumber(string.sub(held[i + 1], 1, sep - 1))
+    if tonumber(string.sub(held[i + 1], sep + 1)) <= now then
+      redis.call('HDEL', KEYS[4], held[i])
+    else
+      reserved = reserved + amount
+    end
+  end
+end
+if rpm >= 0 and requests >= rpm then return {1, requests, tokens, spent, reserved} end
+if tpm >= 0 and tokens >= tpm then return {2, requests, tokens, spent, reserved} end
+if budget >= 0 and spent + reserved >= budget then return {3, requests, tokens, spent, reserved} end
+if budget >= 0 and tonumber(ARGV[4]) > 0 then
+  redis.call('HSET', KEYS[4], ARGV[5], ARGV[4] .. ':' .. (now + ttl))
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+requests = redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], 120)
+return {0, requests, tokens, spent, reserved}
+"""
+
+_SETTLE = """
+redis.call('HDEL', KEYS[2], ARGV[1])
+local cost, tokens, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local after = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cost > 0 then
+  after = redis.call('INCRBY', KEYS[1], cost)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+end
+if tokens > 0 then
+  redis.call('INCRBY', KEYS[3], tokens)
+  redis.call('EXPIRE', KEYS[3], 120)
+end
+return {after - cost, after}
+"""
+
+_REASONS = {1: "rpm", 2: "tpm", 3: "budget"}
+
+
+class RedisLimiter:
+    """Limits shared by every proxy on one Redis (keys `<namespace>:auth:{<token>}:...`)."""
+
+    def __init__(self, client: Any, namespace: str = "mitmroute", reservation_ttl: float = 660.0,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.client = client
+        self.namespace = namespace
+        self.reservation_ttl = reservation_ttl
+        self._clock = clock
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    def _key(self, token: str, *parts: object) -> str:
+        return ":".join([f"{self.namespace}:auth:{{{token}}}", *map(str, parts)])
+
+    def _spend_key(self, policy: Policy, now: float) -> str:
+        return self._key(policy.token, "spend", policy.window(now))
+
+    async def admit(self, policy: Policy, estimate: int, now: float | None = None) -> Verdict:
+        now = self._clock() if now is None else now
+        minute = int(now // MINUTE)
+        reservation = Reservation(policy, estimate if policy.max_budget is not None else 0)
+        keys = [self._key(policy.token, "rpm", minute), self._key(policy.token, "tpm", minute),
+                self._spend_key(policy, now), self._key(policy.token, "reserved")]  # fmt: skip
+        args = [-1 if policy.rpm is None else policy.rpm, -1 if policy.tpm is None else policy.tpm,
+                -1 if policy.max_budget is None else policy.max_budget, reservation.nanos,
+                reservation.id, int(now * 1000), int(self.reservation_ttl * 1000)]  # fmt: skip
+        code, requests, tokens, spent, reserved = await self._admit(keys=keys, args=args)
+        verdict = Verdict(policy, _REASONS.get(int(code)), requests=int(requests),
+                          tokens=int(tokens), spent=int(spent), reserved=int(reserved),
+                          now=now)  # fmt: skip
+        if verdict.ok:
+            verdict.reservation = reservation
+        return verdict
+
+    async def settle(self, reservation: Reservation, cost: int, tokens: int,
+                     now: float | None = None) -> BudgetUpdate:  # fmt: skip
+        now = self._clock() if now is None else now
+        policy = reservation.policy
+        ttl = math.ceil(policy.budget_seconds + 3600) if policy.budget_seconds else 0
+        keys = [self._spend_key(policy, now), self._key(policy.token, "reserved"),
+                self._key(policy.token, "tpm", int(now // MINUTE))]  # fmt: skip
+        before, after = await self._settle(keys=keys, args=[reservation.id, max(cost, 0),
+                                                            max(tokens, 0), ttl])  # fmt: skip
+        return BudgetUpdate(policy.token, reservation.key_alias, reservation.team, int(before),
+                            int(after), policy.max_budget, policy.window(now),
+                            policy.reset_at(now))  # fmt: skip
+
+    async def spent(self, policy: Policy, now: float | None = None) -> int:
+        now = self._clock() if now is None else now
+        value = await self.client.get(self._spend_key(policy, now))
+        return int(value or 0)
+
+    async def forget(self, token: str) -> None:
+        pattern = f"{self.namespace}:auth:{{{token}}}:*"
+        keys = [k async for k in self.client.scan_iter(match=pattern, count=100)]
+        if keys:
+            await self.client.delete(*keys)
+
+    async def close(self) -> None:
+        pass  # the client is closed by whoever opened it
+
+
+# --- estimating and pricing ------------------------------------------------------------------
+
+
+def _price_book(config: RouterConfig) -> Any:
+    """The spend feature's PriceBook when it loads; None falls back to deployment prices."""
+    try:
+        from mitmroute.spend.pricing import PriceBook
+
+        return PriceBook.load(config.general.price_file)
+    except Exception as e:  # a broken price file is reported by the spend log, not here
+        log.debug("auth: no price book (%s); using deployment prices only", e)
+        return None
+
+
+def _deployment_rates(book: Any, d: Deployment) -> tuple[Decimal, Decimal]:
+    if book is not None:
+        try:
+            rates = book.rates(d.provider, d.model, d)
+        except Exception:
+            rates = None
+        if rates is not None:
+            return Decimal(rates.input or 0), Decimal(rates.output or 0)
+    return (Decimal(str(d.input_cost_per_token or 0)),
+            Decimal(str(d.output_cost_per_token or 0)))  # fmt: skip
+
+
+class CostEstimator:
+    """Prices a request before it runs (to reserve budget) and after (when the exchange
+    carries no `cost_usd`)."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.book = _price_book(config)
+        self._by_id = {(d.litellm_model, d.api_base): d for d in config.deployments}
+        rates = {d.id: _deployment_rates(self.book, d) for d in config.deployments}
+        groups = config.groups()
+        settings = config.router
+        self._rates: dict[str, tuple[Decimal, Decimal]] = {}
+        for group in groups:
+            reachable = {group}
+            for ladder in (settings.fallbacks, settings.context_window_fallbacks,
+                           settings.content_policy_fallbacks):  # fmt: skip
+                reachable.update(ladder.get(group, []), ladder.get("*", []))
+            found = [rates[d.id] for g in reachable for d in groups.get(g, [])]
+            self._rates[group] = (max((r[0] for r in found), default=Decimal(0)),
+                                  max((r[1] for r in found), default=Decimal(0)))  # fmt: skip
+
+    def group_of(self, model: str) -> str:
+        return self.config.router.model_group_alias.get(model, model)
+
+    def estimate(self, model: str, body: dict[str, Any], body_size: int,
+                 embeddings: bool = False) -> int:  # fmt: skip
+        """Nano-dollars to reserve for a request to `model`."""
+        in_rate, out_rate = self._rates.get(self.group_of(model), (Decimal(0), Decimal(0)))
+        if not in_rate and not out_rate:
+            return 0
+        prompt = body_size // BYTES_PER_TOKEN + 1
+        output = 0
+        if not embeddings:
+            limit = body.get("max_completion_tokens") or body.get("max_tokens")
+            output = limit if isinstance(limit, int) and limit > 0 else DEFAULT_OUTPUT_TOKENS
+            n = body.get("n")
+            output *= n if isinstance(n, int) and n > 1 else 1
+        return usd_to_nanos(prompt * in_rate + output * out_rate)
+
+    def cost(self, exchange: Exchange) -> Decimal:
+        """The exchange's `cost_usd`; else its usage priced here; else 0."""
+        if exchange.cost_usd is not None:
+            return exchange.cost_usd
+        if exchange.cache_hit or exchange.usage is None or not exchange.deployment:
+            return Decimal(0)
+        d = self._by_id.get((exchange.deployment, exchange.api_base or ""))
+        if d is None:
+            return Decimal(0)
+        if self.book is not None:
+            try:
+                cost = self.book.cost(d.provider, d.model, exchange.usage, d)
+            except Exception:
+                cost = None
+            return cost if cost is not None else Decimal(0)
+        in_rate, out_rate = _deployment_rates(None, d)
+        usage = exchange.usage
+        return usage.prompt_tokens * in_rate + usage.completion_tokens * out_rate
