@@ -46,6 +46,7 @@ from mitmroute.routing.ladder import (
     retries_for,
     special_fallbacks,
 )
+from mitmroute.routing.limits import DeploymentLimits
 from mitmroute.routing.picker import DeploymentPicker
 from mitmroute.spend import PriceBook, estimate_prompt_tokens, estimate_text_tokens
 from mitmroute.streaming.sse import DONE, ChunkAssembler, SSEParser, encode, encode_error
@@ -192,7 +193,8 @@ class Engine:
         self.config = config
         self.groups = config.groups()
         self.cooldowns = Cooldowns(config.router.allowed_fails, config.router.cooldown_time)
-        self.picker = DeploymentPicker(self.cooldowns)
+        self.limits = DeploymentLimits()
+        self.picker = DeploymentPicker(self.cooldowns, self.limits.at_limit)
         self.listeners: list[Callable[[Exchange], None]] = []
         """Called once per finished exchange (spend log, metrics, budgets)."""
         self.prices = PriceBook.load(config.general.price_file)
@@ -405,7 +407,9 @@ class Engine:
             deployment = self.picker.pick(deployments, tried)
             if deployment is None or (deployment.id in tried and ladder.has_next):
                 if deployment is None:
-                    failures.append(f"{ladder.group}: every deployment is cooling down")
+                    failures.append(
+                        f"{ladder.group}: every deployment is cooling down or at its rpm/tpm limit"
+                    )
                 if ladder.advance():
                     tried, retries = set(), 0
                     continue
@@ -422,6 +426,7 @@ class Engine:
                     raise self._exhausted(group, failures, last)
                 await asyncio.sleep(wait)
             tried.add(deployment.id)
+            self.limits.started(deployment)
             try:
                 answer = await self._attempt(
                     request, endpoint, body, deployment, exchange, deadline - loop.time()
@@ -448,7 +453,8 @@ class Engine:
             return answer
 
     def _exhausted(self, group: str, failures: list[str], last: ProxyError | None) -> ProxyError:
-        rate_limited = last is not None and last.kind == "rate_limit"
+        # nothing tried at all: everything was resting or at its limit, so "try later"
+        rate_limited = last is None or last.kind == "rate_limit"
         tried = "; ".join(failures) or "nothing was tried"
         message = f"No deployment of `{group}` could answer. Tried: {tried}"
         if rate_limited:
@@ -790,6 +796,8 @@ class Engine:
         """Close the books on an exchange and hand it to every listener."""
         exchange.ended_at = now_utc()
         exchange.latency_ms = (time.perf_counter() - exchange.clock_start) * 1000
+        if deployment is not None and exchange.usage is not None:
+            self.limits.used(deployment, exchange.usage.total_tokens)
         if exchange.usage is not None and not exchange.cache_hit and exchange.provider:
             model = deployment.model if deployment else exchange.requested_model or ""
             exchange.cost_usd = self.prices.cost(exchange.provider, model, exchange.usage,

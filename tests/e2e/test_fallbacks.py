@@ -147,3 +147,20 @@ def test_stream_breaking_mid_way_raises_in_the_sdk(ladder):
             for chunk in stream:
                 received.append(chunk)
     assert received  # some content arrived before the break: never a silent success
+
+
+def test_deployment_at_its_rpm_is_skipped_for_its_twin(start_proxy, backend):
+    proxy = start_proxy(
+        {
+            "model_list": [
+                ok("limited-pair", backend, "first-of-pair", rpm=2, weight=1000),
+                ok("limited-pair", backend, "second-of-pair", rpm=100, weight=1),
+                ok("solo", backend, "solo-model", rpm=1),
+            ]
+        }
+    )
+    answered = [ask(proxy, "limited-pair")[0].model for _ in range(6)]
+    assert answered.count("first-of-pair") <= 2 and answered.count("second-of-pair") >= 4
+    ask(proxy, "solo")
+    with proxy.client() as client, pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="solo", messages=MSG)
