@@ -765,8 +765,9 @@ class Engine:
                 texts.append(json.dumps(call.get("function") or {}))
         prompt = estimate_prompt_tokens(body, model)
         completion = estimate_text_tokens("".join(texts), model) if any(texts) else 0
-        exchange.usage = Usage(prompt_tokens=prompt, completion_tokens=completion,
-                               source="estimated")
+        exchange.usage = Usage(
+            prompt_tokens=prompt, completion_tokens=completion, source="estimated"
+        )
 
     def _models(self) -> Reply:
         created = int(time.time())
@@ -800,8 +801,9 @@ class Engine:
             self.limits.used(deployment, exchange.usage.total_tokens)
         if exchange.usage is not None and not exchange.cache_hit and exchange.provider:
             model = deployment.model if deployment else exchange.requested_model or ""
-            exchange.cost_usd = self.prices.cost(exchange.provider, model, exchange.usage,
-                                                 deployment)
+            exchange.cost_usd = self.prices.cost(
+                exchange.provider, model, exchange.usage, deployment
+            )
         for listener in self.listeners:
             try:
                 listener(exchange)

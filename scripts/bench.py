@@ -119,19 +119,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def proc_kb(pid: int, name: str) -> int:
-    """VmRSS / VmHWM (kB) of `pid` plus its children (LiteLLM may fork workers)."""
-    pids, total = {pid}, 0
+def proc_stats(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (kB) and CPU seconds of `pid` and its children (LiteLLM may fork)."""
+    pids, out = {pid}, {"VmRSS": 0.0, "VmHWM": 0.0, "cpu": 0.0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 pids.add(int(stat.parent.name))
     for p in pids:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out["cpu"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith(name + ":"):
-                    total += int(line.split()[1])
-    return total
+                name, _, value = line.partition(":")
+                if name in out:
+                    out[name] += int(value.split()[0])
+    return out
 
 
 @dataclass
@@ -161,8 +164,9 @@ class Service:
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} not listening on {self.port} after {timeout:.0f}s")
 
-    def kb(self, name: str) -> int:
-        return proc_kb(self.proc.pid, name) if self.proc else 0
+    def stats(self) -> dict[str, float]:
+        assert self.proc is not None
+        return proc_stats(self.proc.pid)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -264,6 +268,7 @@ class Samples:
     errors: int = 0
     first_error: str = ""
     wall: float = 0.0
+    cpu: float | None = None  # the proxy's CPU seconds
     round_p50: list[float] = field(default_factory=list)
     rss_kb: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, VmRSS)
 
@@ -386,19 +391,22 @@ async def run_load(services: dict[str, Service], bundle: Path, plan: list[Scenar
             for t in sc.targets:
                 progress.step(f"warm-up {sc.name} -> {t}")
                 await drive(clients[t], sc, 4 * sc.concurrency + 8, None, progress)
-        baseline = {name: s.kb("VmRSS") for name, s in services.items()}
+        baseline = {name: s.stats()["VmRSS"] for name, s in services.items()}
         for r in range(rounds):
             for sc in plan:
                 k = r % len(sc.targets)
                 for t in sc.targets[k:] + sc.targets[:k]:
                     progress.step(f"round {r + 1}/{rounds} {sc.name} -> {t}")
-                    samples = results[sc.name][t]
-                    if t in services and not samples.rss_kb:
-                        samples.rss_kb.append((0, services[t].kb("VmRSS")))
+                    samples, service = results[sc.name][t], services.get(t)
+                    before = service.stats() if service else {}
+                    if before and not samples.rss_kb:
+                        samples.rss_kb.append((0, before["VmRSS"]))
                     n = sizes[sc.name] // rounds + (r < sizes[sc.name] % rounds)
                     await drive(clients[t], sc, n, samples, progress)
-                    if t in services:
-                        samples.rss_kb.append((len(samples.latency), services[t].kb("VmRSS")))
+                    if service:
+                        after = service.stats()
+                        samples.cpu = (samples.cpu or 0.0) + after["cpu"] - before["cpu"]
+                        samples.rss_kb.append((len(samples.latency), after["VmRSS"]))
     finally:
         for c in clients.values():
             await c.session.close()
@@ -428,6 +436,7 @@ def summarize(results: dict[str, dict[str, Samples]], plan: list[Scenario]) -> d
                 "n": len(lat), "errors": s.errors, "first_error": s.first_error,
                 "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
                 "rps": len(lat) / s.wall if s.wall else 0.0, "round_p50_ms": s.round_p50,
+                "cpu_ms_per_req": s.cpu * 1000 / len(lat) if s.cpu is not None and lat else None,
                 "ttfc_p50_ms": pct(ttfc, 50) if ttfc else None,
                 "ttfc_p90_ms": pct(ttfc, 90) if ttfc else None,
                 "cache_hit_ratio": len(hits) / len(lat) if lat else 0.0,
@@ -439,10 +448,13 @@ def summarize(results: dict[str, dict[str, Samples]], plan: list[Scenario]) -> d
             row["added_ttfc_p50_ms"] = (row["ttfc_p50_ms"] - direct["ttfc_p50_ms"]
                                         if direct and row["ttfc_p50_ms"] is not None else None)
         for row in rows.values():
-            row["added_vs_bare"] = (row["added_p50_ms"] / bare["added_p50_ms"]
-                                    if bare and direct and bare["added_p50_ms"] > 0 else None)
+            row["added_vs_bare"] = (row["added_p50_ms"] / bare["added_p50_ms"] if direct and bare
+                                    and row is not direct and bare["added_p50_ms"] > 0 else None)
             row["rps_vs_bare"] = row["rps"] / bare["rps"] if bare and bare["rps"] else None
             row["rps_vs_litellm"] = row["rps"] / lite["rps"] if lite and lite["rps"] else None
+            row["cpu_vs_bare"] = (row["cpu_ms_per_req"] / bare["cpu_ms_per_req"]
+                                  if bare and bare["cpu_ms_per_req"] and row["cpu_ms_per_req"]
+                                  else None)
         out[sc.name] = {"what": sc.what, "concurrency": sc.concurrency, "targets": rows}
     return out
 
@@ -494,7 +506,7 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
 
     cols = ["scenario", "target", "n", "err", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
             "+p50 / bare's", "req/s", "req/s / bare's", "req/s / LiteLLM's", "TTFC p50 ms",
-            "+TTFC vs direct", "cache HIT", "peak RSS MB"]
+            "+TTFC vs direct", "cache HIT", "proxy CPU ms/req", "CPU / bare's", "peak RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     for name, sc in summary.items():
         for t, r in sc["targets"].items():
@@ -503,7 +515,8 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
                      f(r["p99_ms"]), f(r["added_p50_ms"], "+.2f"), f(r["added_vs_bare"]),
                      f(r["rps"], ".0f"), f(r["rps_vs_bare"]), f(r["rps_vs_litellm"]),
                      f(r["ttfc_p50_ms"]), f(r["added_ttfc_p50_ms"], "+.2f"),
-                     f"{r['cache_hit_ratio']:.0%}", f(peak and peak / 1024, ".1f")]
+                     f"{r['cache_hit_ratio']:.0%}", f(r["cpu_ms_per_req"]), f(r["cpu_vs_bare"]),
+                     f(peak and peak / 1024, ".1f")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "| process | peak RSS MB (VmHWM) | RSS after warm-up MB | RSS at end MB "
               "| growth |",
@@ -571,6 +584,16 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def git_revision() -> str:
+    """The commit measured, `+dirty` when the work tree had changes."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                        text=True, timeout=10).stdout.strip()
+        return run("rev-parse", "--short", "HEAD") + ("+dirty" if run("status", "--porcelain")
+                                                       else "")
+    return "unknown"
+
+
 def main() -> int:
     args = parse_args()
     if args.serve_fake is not None:
@@ -602,9 +625,8 @@ def main() -> int:
                 s.wait_ready(120 if s.name == "litellm" else 30)
             results, baseline = asyncio.run(run_load(services, tmp / "bundle.pem", plan, sizes,
                                                      rounds))
-            processes = {name: {"pid": s.proc.pid if s.proc else None,
-                                "peak_rss_kb": s.kb("VmHWM"), "start_rss_kb": baseline[name],
-                                "end_rss_kb": s.kb("VmRSS")}
+            processes = {name: {"pid": s.proc and s.proc.pid, "peak_rss_kb": s.stats()["VmHWM"],
+                                "start_rss_kb": baseline[name], "end_rss_kb": s.stats()["VmRSS"]}
                          for name, s in services.items() if name != "fake"}
         finally:
             for s in reversed(services.values()):
@@ -625,7 +647,8 @@ def main() -> int:
             "seconds": round(time.time() - started, 1), "smoke": args.smoke, "rounds": rounds,
             "requests_per_target": sizes, "cpus": os.cpu_count(), "litellm": lite_version,
             "python": platform.python_version(), "mitmproxy": mitmproxy.version.VERSION,
-            "stream_gap_ms": args.stream_gap_ms, "mitmdump_flags": " ".join(QUIET)}
+            "stream_gap_ms": args.stream_gap_ms, "mitmdump_flags": " ".join(QUIET),
+            "git": git_revision()}
     md = markdown(summary, processes, checks)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(
@@ -640,4 +663,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # every process was stopped on the way out
+        sys.exit(130)
