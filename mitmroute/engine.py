@@ -9,35 +9,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import functools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
-
-import aiohttp
 
 from mitmroute import errors
 from mitmroute.cache import (
     CacheControls,
     CachedAnswer,
-    Flight,
     ResponseCache,
     cache_key,
     parse_controls,
     replay_stream,
     scope_id,
 )
+from mitmroute.cache.ticket import CacheTicket
 from mitmroute.config import Deployment, RouterConfig
 from mitmroute.errors import ProxyError
-from mitmroute.exchange import Attempt, Exchange, Usage
-from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS, Provider, provider_for
-from mitmroute.providers.base import StreamTranslator
+from mitmroute.exchange import Exchange, Usage
+from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS
+from mitmroute.request import (
+    JSON_HEADERS,
+    ROUTED_ENDPOINTS,
+    SSE_HEADERS,
+    ClientRequest,
+    Reply,
+    bearer,
+    endpoint_of,
+    hash_key,
+    now_utc,
+)
 from mitmroute.routing.cooldown import Cooldowns
 from mitmroute.routing.ladder import (
     backoff,
@@ -49,141 +55,11 @@ from mitmroute.routing.ladder import (
 from mitmroute.routing.limits import DeploymentLimits
 from mitmroute.routing.picker import DeploymentPicker
 from mitmroute.spend import PriceBook, estimate_prompt_tokens, estimate_text_tokens
-from mitmroute.streaming.sse import DONE, ChunkAssembler, SSEParser, encode, encode_error
+from mitmroute.streaming.pipe import pipe_stream
+from mitmroute.streaming.sse import ChunkAssembler
+from mitmroute.upstream import Answer, Upstream
 
 log = logging.getLogger("mitmroute")
-
-ROUTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
-FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
-
-
-@dataclass(slots=True)
-class ClientRequest:
-    """What the engine needs of an intercepted request."""
-
-    method: str
-    path: str
-    headers: Mapping[str, str]
-    """Lower-case header names."""
-    body: bytes
-    identity: dict[str, Any] = field(default_factory=dict)
-    """What authentication learned of the caller: key_alias, team, api_key_hash, ..."""
-
-
-@dataclass(slots=True)
-class Reply:
-    """The engine's answer: a whole body, a stream of bytes, or 'let it pass through'."""
-
-    status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    stream: AsyncIterator[bytes] | None = None
-    passthrough: bool = False
-    exchange: Exchange | None = None
-
-
-@dataclass(slots=True)
-class Answer:
-    """A successful upstream answer, before it becomes a Reply."""
-
-    deployment: Deployment
-    body: dict[str, Any] | None = None
-    raw: bytes | None = None
-    """The backend's own bytes, when they already are the OpenAI answer (no re-encoding)."""
-    stream: _OpenStream | None = None
-
-
-@dataclass(slots=True)
-class CacheTicket:
-    """A request's dealings with the cache: its key, controls, hit, and single flight."""
-
-    key: str
-    controls: CacheControls
-    hit: CachedAnswer | None = None
-    flight: Flight[CachedAnswer] | None = None
-
-    def release(self) -> None:
-        if self.flight is not None:
-            self.flight.release()
-            self.flight = None
-
-
-@dataclass(slots=True)
-class _OpenStream:
-    response: aiohttp.ClientResponse
-    translator: StreamTranslator
-    first: list[dict[str, Any]]
-    read_timeout: float | None
-
-
-class PassthroughTap:
-    """Watches a passed-through stream go by (unchanged) to read its usage for the spend log."""
-
-    __slots__ = ("exchange", "parser", "usage")
-
-    def __init__(self, exchange: Exchange) -> None:
-        self.exchange = exchange
-        self.parser = SSEParser()
-        self.usage: Usage | None = None
-
-    def observe(self, data: bytes) -> bytes:
-        for event in self.parser.feed(data) if data else self.parser.finish():
-            if '"usage"' in event.data:
-                with contextlib.suppress(ValueError, TypeError):
-                    self.usage = (
-                        Usage.from_openai(json.loads(event.data).get("usage")) or self.usage
-                    )
-        return data
-
-
-def endpoint_of(path: str) -> str | None:
-    """`/v1/chat/completions?x` -> `chat/completions`; None for paths outside `/v1/`."""
-    path = path.split("?", 1)[0]
-    if not path.startswith("/v1/"):
-        return None
-    return path[4:].rstrip("/")
-
-
-def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | None:
-    """The spend-log record of a request refused before routing (auth, budget, rate limit)."""
-    endpoint = endpoint_of(request.path)
-    if endpoint not in ROUTED_ENDPOINTS:
-        return None
-    key = bearer(request.headers)
-    exchange = Exchange(
-        request_id=f"mr-{uuid.uuid4().hex}",
-        started_at=now_utc(),
-        endpoint=endpoint,
-        api_key_hash=request.identity.get("api_key_hash") or (hash_key(key) if key else None),
-        key_alias=request.identity.get("key_alias"),
-        team=request.identity.get("team"),
-        status_code=error.status,
-        error_type=error.code or error.type,
-        clock_start=time.perf_counter(),
-    )
-    with contextlib.suppress(ValueError, AttributeError):
-        body = json.loads(request.body)
-        exchange.requested_model = str(body.get("model")) if body.get("model") else None
-        exchange.stream = body.get("stream") is True
-    exchange.ended_at, exchange.latency_ms = exchange.started_at, 0.0
-    return exchange
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def bearer(headers: Mapping[str, str]) -> str | None:
-    value = headers.get("authorization", "")
-    if value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
-    return None
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)
 
 
 class Engine:
@@ -198,34 +74,27 @@ class Engine:
         self.listeners: list[Callable[[Exchange], None]] = []
         """Called once per finished exchange (spend log, metrics, budgets)."""
         self.prices = PriceBook.load(config.general.price_file)
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream(config)
+        self._started = False
         self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
         self._tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the pooled upstream session (idempotent; also done on first use)."""
-        if self.session is not None:
+        """Open the pooled upstream session and the cache (idempotent; also on first use)."""
+        if self._started:
             return
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        self._started = True
+        await self.upstream.start()
         if self.cache is not None:
             await self.cache.start()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        await self.upstream.close()
         if self.cache is not None:
             await self.cache.close()
+        self._started = False
 
     # --- the story ------------------------------------------------------------------------
 
@@ -240,7 +109,7 @@ class Engine:
         if endpoint not in ROUTED_ENDPOINTS or request.method != "POST":
             return Reply(passthrough=True)
         exchange = self._new_exchange(request, endpoint)
-        if self.session is None:
+        if not self._started:
             await self.start()
         ticket: CacheTicket | None = None
         try:
@@ -428,8 +297,8 @@ class Engine:
             tried.add(deployment.id)
             self.limits.started(deployment)
             try:
-                answer = await self._attempt(
-                    request, endpoint, body, deployment, exchange, deadline - loop.time()
+                answer = await self.upstream.attempt(
+                    request.headers, endpoint, body, deployment, exchange, deadline - loop.time()
                 )
             except ProxyError as e:
                 last = e
@@ -466,163 +335,6 @@ class Engine:
                 kind="rate_limit",
             )
         return ProxyError(503, message, "server_error", code="all_deployments_failed", kind="error")
-
-    async def _attempt(
-        self,
-        request: ClientRequest,
-        endpoint: str,
-        body: dict[str, Any],
-        deployment: Deployment,
-        exchange: Exchange,
-        remaining: float,
-    ) -> Answer:
-        provider = provider_for(deployment.provider)
-        if endpoint not in provider.endpoints:
-            raise errors.bad_request(
-                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
-            )
-        call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
-        headers = call.headers
-        if not deployment.api_key and provider.name == "openai":
-            # No key of our own: the client's key (and org/project) go to its own OpenAI.
-            if auth := request.headers.get("authorization"):
-                headers = {**headers, "authorization": auth}
-            for name in FORWARDED_CLIENT_HEADERS:
-                if name in request.headers:
-                    headers[name] = request.headers[name]
-        stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
-        timeout = min(deployment.timeout or self.config.router.timeout, remaining)
-        started, t0 = now_utc(), time.perf_counter()
-        attempt = Attempt(
-            len(exchange.attempts) + 1, deployment.litellm_model, deployment.api_base, started
-        )
-        exchange.attempts.append(attempt)
-        try:
-            if stream:
-                first_byte = deployment.stream_timeout or self.config.router.stream_timeout
-                opened = await self._open_stream(
-                    provider,
-                    endpoint,
-                    deployment,
-                    call.url,
-                    headers,
-                    call.body,
-                    timeout,
-                    min(first_byte or timeout, remaining),
-                )
-                attempt.status_code = 200
-                return Answer(deployment, stream=opened)
-            result, raw = await self._call(
-                provider, endpoint, deployment, call.url, headers, call.body, timeout
-            )
-            attempt.status_code = 200
-            return Answer(deployment, body=result, raw=raw if provider.verbatim else None)
-        except ProxyError as e:
-            attempt.status_code, attempt.error_type = e.status, e.code or e.kind
-            raise
-        finally:
-            attempt.latency_ms = (time.perf_counter() - t0) * 1000
-
-    async def _call(
-        self,
-        provider: Provider,
-        endpoint: str,
-        deployment: Deployment,
-        url: str,
-        headers: dict[str, str],
-        data: bytes,
-        timeout: float,
-    ) -> tuple[dict[str, Any], bytes]:
-        """The parsed answer and the bytes it was parsed from."""
-        assert self.session is not None
-        try:
-            async with self.session.post(
-                url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise self._upstream_error(provider, resp, raw)
-                return provider.parse(endpoint, raw, deployment), raw
-        except TimeoutError:
-            raise errors.upstream_timeout(
-                f"{deployment.litellm_model} did not answer within {timeout:.1f}s"
-            ) from None
-        except aiohttp.ClientError as e:
-            raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
-            ) from None
-
-    async def _open_stream(
-        self,
-        provider: Provider,
-        endpoint: str,
-        deployment: Deployment,
-        url: str,
-        headers: dict[str, str],
-        data: bytes,
-        timeout: float,
-        first_byte: float,
-    ) -> _OpenStream:
-        """Open the upstream stream and wait for its first chunk: failing before that point
-        is still invisible to the client (the ladder moves on)."""
-        assert self.session is not None
-        resp = None
-        try:
-            resp = await asyncio.wait_for(
-                self.session.post(url, data=data, headers=headers), first_byte
-            )
-            if resp.status >= 400:
-                raw = await asyncio.wait_for(resp.read(), first_byte)
-                raise self._upstream_error(provider, resp, raw)
-            translator = provider.stream(endpoint, deployment)
-            first: list[dict[str, Any]] = []
-            while not first:
-                data_in = await asyncio.wait_for(resp.content.readany(), first_byte)
-                if not data_in:
-                    first = translator.finish()
-                    if not first:
-                        raise ProxyError(
-                            502,
-                            f"{deployment.litellm_model} closed the stream before sending anything",
-                            "server_error",
-                            code="upstream_stream_empty",
-                            retryable=True,
-                        )
-                    break
-                first = translator.feed(data_in)
-            read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
-            return _OpenStream(resp, translator, first, read_timeout or timeout)
-        except TimeoutError:
-            if resp is not None:
-                resp.close()
-            raise errors.upstream_timeout(
-                f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
-            ) from None
-        except aiohttp.ClientError as e:
-            if resp is not None:
-                resp.close()
-            raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
-            ) from None
-        except ProxyError:
-            if resp is not None:
-                resp.close()
-            raise
-
-    @staticmethod
-    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse, raw: bytes) -> ProxyError:
-        try:
-            payload: Any = json.loads(raw)
-        except ValueError:
-            payload = raw.decode("utf-8", "replace")
-        error = provider.error(resp.status, payload)
-        for name in ("retry-after", "retry-after-ms"):
-            if name in resp.headers:
-                value = resp.headers[name]
-                if name == "retry-after-ms":
-                    value = str(float(value) / 1000)
-                error.headers["retry-after"] = value
-        return error
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -665,7 +377,13 @@ class Engine:
         exchange.status_code = 200
         if answer.stream is not None:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            chunks = self._relay(answer.stream, exchange, body, include_usage, deployment, ticket)
+            chunks = pipe_stream(
+                answer.stream,
+                exchange,
+                include_usage=include_usage,
+                label=deployment.litellm_model,
+                on_end=functools.partial(self._stream_ended, exchange, body, deployment, ticket),
+            )
             return Reply(
                 200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks, exchange=exchange
             )
@@ -678,80 +396,27 @@ class Engine:
         payload = answer.raw or json.dumps(answer.body).encode()
         return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload, exchange=exchange)
 
-    async def _relay(
+    def _stream_ended(
         self,
-        opened: _OpenStream,
         exchange: Exchange,
         body: dict[str, Any],
-        include_usage: bool,
         deployment: Deployment,
         ticket: CacheTicket | None,
-    ) -> AsyncIterator[bytes]:
-        """Translate upstream bytes into the client's SSE stream, chunk by chunk."""
-        assembler = ChunkAssembler()
-        resp, translator = opened.response, opened.translator
-
-        def render(chunks: list[dict[str, Any]]) -> bytes:
-            out = []
-            for chunk in chunks:
-                assembler.add(chunk)
-                if chunk.get("usage") is not None and not include_usage:
-                    if not chunk.get("choices"):
-                        continue
-                    chunk = {k: v for k, v in chunk.items() if k != "usage"}
-                out.append(encode(chunk))
-            return b"".join(out)
-
-        try:
-            first = render(opened.first)
-            exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
-            yield first
-            while True:
-                data = await asyncio.wait_for(resp.content.readany(), opened.read_timeout)
-                if not data:
-                    break
-                if out := render(translator.feed(data)):
-                    yield out
-            if out := render(translator.finish()):
-                yield out
-            if not (translator.done or assembler.finished):
-                raise ProxyError(
-                    502,
-                    f"{deployment.litellm_model} ended the stream early",
-                    "server_error",
-                    code="upstream_stream_truncated",
-                )
-            yield DONE
-        except ProxyError as e:
-            exchange.error_type = e.code or e.type
-            exchange.status_code = e.status
-            yield encode_error(e.message, etype=e.type, code=e.code)
-        except TimeoutError:
-            exchange.error_type, exchange.status_code = "upstream_stream_stalled", 504
-            yield encode_error(
-                f"{deployment.litellm_model} stalled mid-stream", code="upstream_stream_stalled"
-            )
-        except aiohttp.ClientError as e:
-            exchange.error_type, exchange.status_code = "upstream_stream_broken", 502
-            yield encode_error(
-                f"{deployment.litellm_model} broke the stream: {e}", code="upstream_stream_broken"
-            )
-        except (GeneratorExit, asyncio.CancelledError):
-            exchange.error_type = "client_disconnected"
-            raise
-        finally:
-            resp.close()
-            exchange.usage = assembler.usage
-            completion = assembler.completion()
-            if exchange.usage is None or exchange.usage.total_tokens == 0:
-                self._estimate(exchange, body, completion)
-            self.finish(exchange, deployment)
-            if exchange.error_type is None and (translator.done or assembler.finished):
-                if exchange.usage is not None and "usage" not in completion:
-                    completion["usage"] = exchange.usage.to_openai()
-                self._store(ticket, exchange, completion)
-            elif ticket is not None:
-                ticket.release()
+        assembler: ChunkAssembler,
+        complete: bool,
+    ) -> None:
+        """Close the books on a streamed answer; cache it when it arrived whole."""
+        exchange.usage = assembler.usage
+        completion = assembler.completion()
+        if exchange.usage is None or exchange.usage.total_tokens == 0:
+            self._estimate(exchange, body, completion)
+        self.finish(exchange, deployment)
+        if complete:
+            if exchange.usage is not None and "usage" not in completion:
+                completion["usage"] = exchange.usage.to_openai()
+            self._store(ticket, exchange, completion)
+        elif ticket is not None:
+            ticket.release()
 
     @staticmethod
     def _estimate(exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:

@@ -37,7 +37,9 @@ from mitmroute.auth.limits import (
     usd_to_nanos,
 )
 from mitmroute.config import RouterConfig
-from mitmroute.engine import (
+from mitmroute.errors import ProxyError
+from mitmroute.exchange import Exchange
+from mitmroute.request import (
     ROUTED_ENDPOINTS,
     ClientRequest,
     bearer,
@@ -45,8 +47,6 @@ from mitmroute.engine import (
     hash_key,
     refused_exchange,
 )
-from mitmroute.errors import ProxyError
-from mitmroute.exchange import Exchange
 
 log = logging.getLogger("mitmroute.auth")
 

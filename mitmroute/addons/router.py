@@ -17,8 +17,10 @@ from mitmproxy import ctx, exceptions, http
 from mitmroute import errors
 from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
-from mitmroute.engine import ClientRequest, Engine, PassthroughTap, Reply
+from mitmroute.engine import Engine
+from mitmroute.request import ClientRequest, Reply
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
+from mitmroute.streaming.tap import PassthroughTap
 
 log = logging.getLogger("mitmroute")
 

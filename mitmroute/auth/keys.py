@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mitmroute.config import ConfigError, parse_duration
-from mitmroute.engine import hash_key
 from mitmroute.errors import ProxyError
+from mitmroute.request import hash_key
 
 T = TypeVar("T")
 __all__ = ["KeyRecord", "KeyStore", "KeysDB", "MemoryKeyStore", "RedisKeyStore", "hash_key"]

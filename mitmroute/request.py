@@ -1,0 +1,95 @@
+"""The engine's boundary: the request it is given, the reply it returns, and small helpers
+for reading requests (endpoint, bearer key)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from mitmroute.errors import ProxyError
+from mitmroute.exchange import Exchange
+from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS
+
+ROUTED_ENDPOINTS = (CHAT, COMPLETIONS, EMBEDDINGS)
+JSON_HEADERS = {"content-type": "application/json"}
+SSE_HEADERS = {"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
+
+
+@dataclass(slots=True)
+class ClientRequest:
+    """What the engine needs of an intercepted request."""
+
+    method: str
+    path: str
+    headers: Mapping[str, str]
+    """Lower-case header names."""
+    body: bytes
+    identity: dict[str, Any] = field(default_factory=dict)
+    """What authentication learned of the caller: key_alias, team, api_key_hash, ..."""
+
+
+@dataclass(slots=True)
+class Reply:
+    """The engine's answer: a whole body, a stream of bytes, or 'let it pass through'."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    passthrough: bool = False
+    exchange: Exchange | None = None
+
+
+def endpoint_of(path: str) -> str | None:
+    """`/v1/chat/completions?x` -> `chat/completions`; None for paths outside `/v1/`."""
+    path = path.split("?", 1)[0]
+    if not path.startswith("/v1/"):
+        return None
+    return path[4:].rstrip("/")
+
+
+def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | None:
+    """The spend-log record of a request refused before routing (auth, budget, rate limit)."""
+    endpoint = endpoint_of(request.path)
+    if endpoint not in ROUTED_ENDPOINTS:
+        return None
+    key = bearer(request.headers)
+    exchange = Exchange(
+        request_id=f"mr-{uuid.uuid4().hex}",
+        started_at=now_utc(),
+        endpoint=endpoint,
+        api_key_hash=request.identity.get("api_key_hash") or (hash_key(key) if key else None),
+        key_alias=request.identity.get("key_alias"),
+        team=request.identity.get("team"),
+        status_code=error.status,
+        error_type=error.code or error.type,
+        clock_start=time.perf_counter(),
+    )
+    with contextlib.suppress(ValueError, AttributeError):
+        body = json.loads(request.body)
+        exchange.requested_model = str(body.get("model")) if body.get("model") else None
+        exchange.stream = body.get("stream") is True
+    exchange.ended_at, exchange.latency_ms = exchange.started_at, 0.0
+    return exchange
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    if value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

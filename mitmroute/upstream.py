@@ -1,0 +1,226 @@
+"""Calling one deployment: build the provider's request, send it on the pooled session, and turn
+what comes back (an answer, an open stream or an error) into the engine's terms."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from mitmroute import errors
+from mitmroute.config import Deployment, RouterConfig
+from mitmroute.errors import ProxyError
+from mitmroute.exchange import Attempt, Exchange
+from mitmroute.providers import EMBEDDINGS, Provider, provider_for
+from mitmroute.providers.base import StreamTranslator
+from mitmroute.request import now_utc
+
+FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
+
+
+@dataclass(slots=True)
+class Answer:
+    """A successful upstream answer, before it becomes a Reply."""
+
+    deployment: Deployment
+    body: dict[str, Any] | None = None
+    raw: bytes | None = None
+    """The backend's own bytes, when they already are the OpenAI answer (no re-encoding)."""
+    stream: OpenStream | None = None
+
+
+@dataclass(slots=True)
+class OpenStream:
+    response: aiohttp.ClientResponse
+    translator: StreamTranslator
+    first: list[dict[str, Any]]
+    read_timeout: float | None
+
+
+class Upstream:
+    """The pooled HTTP session to every backend, and one attempt at one deployment."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        """Open the pooled session (idempotent)."""
+        if self.session is not None:
+            return
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def attempt(
+        self,
+        client_headers: Mapping[str, str],
+        endpoint: str,
+        body: dict[str, Any],
+        deployment: Deployment,
+        exchange: Exchange,
+        remaining: float,
+    ) -> Answer:
+        provider = provider_for(deployment.provider)
+        if endpoint not in provider.endpoints:
+            raise errors.bad_request(
+                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
+            )
+        call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
+        headers = call.headers
+        if not deployment.api_key and provider.name == "openai":
+            # No key of our own: the client's key (and org/project) go to its own OpenAI.
+            if auth := client_headers.get("authorization"):
+                headers = {**headers, "authorization": auth}
+            for name in FORWARDED_CLIENT_HEADERS:
+                if name in client_headers:
+                    headers[name] = client_headers[name]
+        stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
+        timeout = min(deployment.timeout or self.config.router.timeout, remaining)
+        started, t0 = now_utc(), time.perf_counter()
+        attempt = Attempt(
+            len(exchange.attempts) + 1, deployment.litellm_model, deployment.api_base, started
+        )
+        exchange.attempts.append(attempt)
+        try:
+            if stream:
+                first_byte = deployment.stream_timeout or self.config.router.stream_timeout
+                opened = await self._open_stream(
+                    provider,
+                    endpoint,
+                    deployment,
+                    call.url,
+                    headers,
+                    call.body,
+                    timeout,
+                    min(first_byte or timeout, remaining),
+                )
+                attempt.status_code = 200
+                return Answer(deployment, stream=opened)
+            result, raw = await self._call(
+                provider, endpoint, deployment, call.url, headers, call.body, timeout
+            )
+            attempt.status_code = 200
+            return Answer(deployment, body=result, raw=raw if provider.verbatim else None)
+        except ProxyError as e:
+            attempt.status_code, attempt.error_type = e.status, e.code or e.kind
+            raise
+        finally:
+            attempt.latency_ms = (time.perf_counter() - t0) * 1000
+
+    async def _call(
+        self,
+        provider: Provider,
+        endpoint: str,
+        deployment: Deployment,
+        url: str,
+        headers: dict[str, str],
+        data: bytes,
+        timeout: float,
+    ) -> tuple[dict[str, Any], bytes]:
+        """The parsed answer and the bytes it was parsed from."""
+        assert self.session is not None
+        try:
+            async with self.session.post(
+                url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._upstream_error(provider, resp, raw)
+                return provider.parse(endpoint, raw, deployment), raw
+        except TimeoutError:
+            raise errors.upstream_timeout(
+                f"{deployment.litellm_model} did not answer within {timeout:.1f}s"
+            ) from None
+        except aiohttp.ClientError as e:
+            raise errors.upstream_unreachable(
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
+            ) from None
+
+    async def _open_stream(
+        self,
+        provider: Provider,
+        endpoint: str,
+        deployment: Deployment,
+        url: str,
+        headers: dict[str, str],
+        data: bytes,
+        timeout: float,
+        first_byte: float,
+    ) -> OpenStream:
+        """Open the upstream stream and wait for its first chunk: failing before that point
+        is still invisible to the client (the ladder moves on)."""
+        assert self.session is not None
+        resp = None
+        try:
+            resp = await asyncio.wait_for(
+                self.session.post(url, data=data, headers=headers), first_byte
+            )
+            if resp.status >= 400:
+                raw = await asyncio.wait_for(resp.read(), first_byte)
+                raise self._upstream_error(provider, resp, raw)
+            translator = provider.stream(endpoint, deployment)
+            first: list[dict[str, Any]] = []
+            while not first:
+                data_in = await asyncio.wait_for(resp.content.readany(), first_byte)
+                if not data_in:
+                    first = translator.finish()
+                    if not first:
+                        raise ProxyError(
+                            502,
+                            f"{deployment.litellm_model} closed the stream before sending anything",
+                            "server_error",
+                            code="upstream_stream_empty",
+                            retryable=True,
+                        )
+                    break
+                first = translator.feed(data_in)
+            read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
+            return OpenStream(resp, translator, first, read_timeout or timeout)
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise errors.upstream_timeout(
+                f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
+            ) from None
+        except aiohttp.ClientError as e:
+            if resp is not None:
+                resp.close()
+            raise errors.upstream_unreachable(
+                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
+            ) from None
+        except ProxyError:
+            if resp is not None:
+                resp.close()
+            raise
+
+    @staticmethod
+    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse, raw: bytes) -> ProxyError:
+        try:
+            payload: Any = json.loads(raw)
+        except ValueError:
+            payload = raw.decode("utf-8", "replace")
+        error = provider.error(resp.status, payload)
+        for name in ("retry-after", "retry-after-ms"):
+            if name in resp.headers:
+                value = resp.headers[name]
+                if name == "retry-after-ms":
+                    value = str(float(value) / 1000)
+                error.headers["retry-after"] = value
+        return error
