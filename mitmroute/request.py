@@ -4,6 +4,7 @@ for reading requests (endpoint, bearer key)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import time
@@ -80,6 +81,7 @@ def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | No
     return exchange
 
 
+@functools.lru_cache(maxsize=4096)
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -31,6 +31,8 @@ class Console:
 
     @staticmethod
     def exchange_done(exchange: Exchange) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         usage = exchange.usage
         tokens = f" {usage.prompt_tokens}+{usage.completion_tokens}tok" if usage else ""
         flags = "".join(
@@ -52,4 +54,5 @@ class Console:
             flags,
             error,
         )
-        log.debug("%s attempts: %s", exchange.request_id, exchange.attempts)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s attempts: %s", exchange.request_id, exchange.attempts)

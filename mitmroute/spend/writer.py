@@ -24,7 +24,7 @@ What a crash can lose
     ``flush_interval`` (+ the flush itself, + ``retry_delay`` when the file is busy). SIGINT and
     SIGTERM go through the addon's ``done`` hook, which calls ``close()``: nothing is lost.
     SIGKILL (or a hard crash) loses the rows recorded in the last ``flush_interval`` + one flush
-    duration (default about 0.5-0.6 s) and nothing older: committed batches are durable in
+    duration (default about 0.9-1.0 s) and nothing older: committed batches are durable in
     DuckDB's WAL, and spilled rows are on disk (not fsynced unless ``fsync=True``: a power cut,
     unlike a process kill, may lose the last spill writes).
 
@@ -283,7 +283,7 @@ class SpendLog:
         self,
         db_path: str | os.PathLike[str],
         *,
-        flush_interval: float = 0.5,
+        flush_interval: float = 0.9,
         batch_size: int = 1000,
         max_buffer: int = 100_000,
         retry_delay: float = 0.1,

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+HIGH_WATER = 64 * 1024
+"""Wait for the reader (mitmproxy) only when this much is buffered: chunks go out at once."""
 CLAIM_TIMEOUT = 30.0
 """A registered stream nobody fetches within this many seconds is closed."""
 
@@ -107,7 +109,8 @@ class StreamRelay:
             async for chunk in chunks:
                 if chunk:
                     writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                    await writer.drain()
+                    if writer.transport.get_write_buffer_size() > HIGH_WATER:
+                        await writer.drain()
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         finally:
