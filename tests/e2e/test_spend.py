@@ -239,7 +239,6 @@ def test_claude_usage_is_priced_at_claudes_rates(start_proxy):
     assert cost == (prompt * Decimal(15) + completion * Decimal(75)) / 10**6
 
 
-
 def test_refused_requests_are_logged_too(start_proxy, fake):
     proxy = start_proxy(config(fake, general_settings={"master_key": "sk-master"}))
     with proxy.client(api_key="sk-wrong") as client, pytest.raises(openai.AuthenticationError):
