@@ -18,20 +18,23 @@ CHATTY_LOGGERS = ("mitmproxy.proxy.server", "mitmproxy.proxy.layers.http")
 
 class Console:
     def __init__(self, shared: Shared) -> None:
+        self.shows_info = True
+        self.shows_debug = False
         shared.listeners.append(self.exchange_done)
 
     def configure(self, updated: set[str]) -> None:
         if "termlog_verbosity" not in updated:
             return
         debug = ctx.options.termlog_verbosity == "debug"
+        self.shows_debug = debug
+        self.shows_info = ctx.options.termlog_verbosity in ("info", "debug")
         for name in CHATTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
         if not debug and ctx.options.flow_detail:
             ctx.options.flow_detail = 0
 
-    @staticmethod
-    def exchange_done(exchange: Exchange) -> None:
-        if not log.isEnabledFor(logging.INFO):
+    def exchange_done(self, exchange: Exchange) -> None:
+        if not self.shows_info:
             return
         usage = exchange.usage
         tokens = f" {usage.prompt_tokens}+{usage.completion_tokens}tok" if usage else ""
@@ -54,5 +57,5 @@ class Console:
             flags,
             error,
         )
-        if log.isEnabledFor(logging.DEBUG):
+        if self.shows_debug:
             log.debug("%s attempts: %s", exchange.request_id, exchange.attempts)
