@@ -36,6 +36,7 @@ class Router:
         self.engine: Engine | None = None
         self.relay = StreamRelay()
         self.is_running = False
+        self.loaded_from: str | None = None
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -50,6 +51,8 @@ class Router:
         if self.engine is not None and "router_config" not in updated:
             return
         path = ctx.options.router_config or default_config_path()
+        if self.engine is not None and path == self.loaded_from:
+            return  # mitmdump announces every option once more at start-up
         try:
             config = load_config(path)
         except ConfigError as e:
@@ -59,6 +62,7 @@ class Router:
                 raise SystemExit(2) from None
             raise exceptions.OptionsError(f"mitmroute: {e}") from None
         old = self.engine
+        self.loaded_from = path
         self.engine = Engine(config)
         self.engine.listeners.append(self.shared.publish_exchange)
         self.engine.cooldowns.listeners.append(self.shared.publish_cooldown)
