@@ -169,8 +169,14 @@ class Deployment:
 
     @property
     def id(self) -> str:
-        """A stable, readable identifier for logs, headers and cooldown state."""
-        return f"{self.litellm_model}@{self.api_base}"
+        """A stable, readable identifier for logs and cooldown state (one per entry: two
+        entries differing only in their key are two deployments)."""
+        return f"{self.litellm_model}@{self.public_base}#{self.index}"
+
+    @property
+    def public_base(self) -> str:
+        """`api_base` without credentials or query: safe for clients, logs and the spend log."""
+        return public_url(self.api_base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +323,20 @@ def _bool(value: Any, path: str, default: bool) -> bool:
     raise ConfigError(f"{path}: not a boolean: {value!r}")
 
 
+def _weight(value: Any, path: str) -> float:
+    weight = _number(value, path)
+    return 1.0 if weight is None else weight
+
+
+def public_url(url: str) -> str:
+    """`url` without userinfo, query or fragment."""
+    parts = urlparse(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=host, query="", fragment="").geturl()
+
+
 def _url(value: Any, path: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{path}: not a URL: {value!r}")
@@ -416,7 +436,7 @@ def _deployment(entry: Any, i: int, environ: dict[str, str]) -> Deployment:
         cache_creation_input_token_cost=_number(
             params.get("cache_creation_input_token_cost"), f"{p}.cache_creation_input_token_cost"
         ),
-        weight=_number(params.get("weight", 1), f"{p}.weight") or 1.0,
+        weight=_weight(params.get("weight"), f"{p}.weight"),
         extra_headers={str(k): str(v) for k, v in headers.items()},
         index=i,
     )

@@ -46,6 +46,7 @@ from mitmroute.request import (
 )
 from mitmroute.routing.cooldown import Cooldowns
 from mitmroute.routing.ladder import (
+    MAX_RETRY_AFTER,
     backoff,
     build_ladder,
     parse_retry_after,
@@ -133,6 +134,7 @@ class Engine:
                 if ticket.hit is not None:
                     return self._hit_reply(ticket, exchange, body)
             answer = await self._route(request, endpoint, body, group, exchange)
+            return self._success_reply(answer, exchange, body, endpoint, ticket)
         except ProxyError as e:
             if ticket is not None:
                 ticket.release()
@@ -144,7 +146,6 @@ class Engine:
             return self._error_reply(
                 errors.internal_error(f"mitmroute internal error: {e}"), exchange, ticket
             )
-        return self._success_reply(answer, exchange, body, endpoint, ticket)
 
     # --- cache ------------------------------------------------------------------------------
 
@@ -283,7 +284,21 @@ class Engine:
                     tried, retries = set(), 0
                     continue
                 if deployment is None:
-                    raise self._exhausted(group, failures, last)
+                    # The last group is resting: wait for it if a retry is due and time allows.
+                    wait = self._rest_left(deployments)
+                    if (
+                        last is None
+                        or not last.retryable
+                        or wait is None
+                        or retries >= retries_for(last, settings)
+                        or loop.time() + wait >= deadline
+                    ):
+                        raise self._exhausted(group, failures, last)
+                    failures.pop()
+                    retries += 1
+                    await asyncio.sleep(wait)
+                    tried = set()
+                    continue
             if deployment.id in tried:
                 if last is None or retries >= retries_for(last, settings):
                     raise self._exhausted(group, failures, last)
@@ -302,12 +317,15 @@ class Engine:
                 )
             except ProxyError as e:
                 last = e
-                failures.append(f"{deployment.litellm_model} ({deployment.api_base}): {e}")
-                if e.retryable:
+                failures.append(f"{deployment.litellm_model} ({deployment.public_base}): {e}")
+                if e.retryable or (e.kind == "auth" and deployment.api_key):
+                    # a deployment's own key rejected: that deployment is broken, not the request
                     retry_after = parse_retry_after(e.headers.get("retry-after"))
-                    self.cooldowns.failure(
-                        deployment.id, e.kind, retry_after if e.status == 429 else None
-                    )
+                    if e.kind == "auth":
+                        retry_after = settings.cooldown_time
+                    elif e.status != 429:
+                        retry_after = None
+                    self.cooldowns.failure(deployment.id, e.kind, retry_after)
                     if loop.time() >= deadline:
                         failures.append(f"deadline of {settings.timeout:g}s reached")
                         raise self._exhausted(group, failures, last) from None
@@ -321,7 +339,18 @@ class Engine:
             exchange.fallback_used = ladder.position > 0
             return answer
 
+    def _rest_left(self, deployments: list[Deployment]) -> float | None:
+        """Seconds until the first cooling deployment of a group may be tried again; None when
+        none will within MAX_RETRY_AFTER (or they are at their rpm/tpm limit instead)."""
+        waits = [self.cooldowns.remaining(d.id) for d in deployments]
+        waits = [w for w in waits if w > 0]
+        if not waits or min(waits) > MAX_RETRY_AFTER:
+            return None
+        return min(waits)
+
     def _exhausted(self, group: str, failures: list[str], last: ProxyError | None) -> ProxyError:
+        if last is not None and not last.retryable:
+            return last  # e.g. the backend refused its key: its own status says it best
         # nothing tried at all: everything was resting or at its limit, so "try later"
         rate_limited = last is None or last.kind == "rate_limit"
         tried = "; ".join(failures) or "nothing was tried"
@@ -373,7 +402,7 @@ class Engine:
         deployment = answer.deployment
         exchange.deployment = deployment.litellm_model
         exchange.provider = deployment.provider
-        exchange.api_base = deployment.api_base
+        exchange.api_base = deployment.public_base
         exchange.status_code = 200
         if answer.stream is not None:
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))

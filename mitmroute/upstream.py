@@ -4,11 +4,13 @@ what comes back (an answer, an open stream or an error) into the engine's terms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import aiohttp
 
@@ -21,6 +23,18 @@ from mitmroute.providers.base import StreamTranslator
 from mitmroute.request import now_utc
 
 FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
+
+
+def bad_answer(deployment: Deployment, error: Exception) -> ProxyError:
+    """A backend answer this proxy could not read: retryable, another deployment may do."""
+    return ProxyError(
+        502,
+        f"{deployment.litellm_model} sent an answer that could not be read: "
+        f"{type(error).__name__}: {error}",
+        "server_error",
+        code="bad_upstream_response",
+        retryable=True,
+    )
 
 
 @dataclass(slots=True)
@@ -68,6 +82,11 @@ class Upstream:
             await self.session.close()
             self.session = None
 
+    def _client_key_goes_to(self, deployment: Deployment) -> bool:
+        """Only the host the client addressed (an intercepted host) may see the client's key."""
+        host = urlparse(deployment.api_base).hostname or ""
+        return host in self.config.general.intercept_hosts
+
     async def attempt(
         self,
         client_headers: Mapping[str, str],
@@ -84,8 +103,8 @@ class Upstream:
             )
         call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
         headers = call.headers
-        if not deployment.api_key and provider.name == "openai":
-            # No key of our own: the client's key (and org/project) go to its own OpenAI.
+        if not deployment.api_key and self._client_key_goes_to(deployment):
+            # No key of our own: the client's key (and org/project) go where it meant them to.
             if auth := client_headers.get("authorization"):
                 headers = {**headers, "authorization": auth}
             for name in FORWARDED_CLIENT_HEADERS:
@@ -95,7 +114,7 @@ class Upstream:
         timeout = min(deployment.timeout or self.config.router.timeout, remaining)
         started, t0 = now_utc(), time.perf_counter()
         attempt = Attempt(
-            len(exchange.attempts) + 1, deployment.litellm_model, deployment.api_base, started
+            len(exchange.attempts) + 1, deployment.litellm_model, deployment.public_base, started
         )
         exchange.attempts.append(attempt)
         try:
@@ -152,6 +171,8 @@ class Upstream:
             raise errors.upstream_unreachable(
                 f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
             ) from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise bad_answer(deployment, e) from None
 
     async def _open_stream(
         self,
@@ -169,45 +190,42 @@ class Upstream:
         assert self.session is not None
         resp = None
         try:
-            resp = await asyncio.wait_for(
-                self.session.post(url, data=data, headers=headers), first_byte
-            )
-            if resp.status >= 400:
-                raw = await asyncio.wait_for(resp.read(), first_byte)
-                raise self._upstream_error(provider, resp, raw)
-            translator = provider.stream(endpoint, deployment)
-            first: list[dict[str, Any]] = []
-            while not first:
-                data_in = await asyncio.wait_for(resp.content.readany(), first_byte)
-                if not data_in:
-                    first = translator.finish()
-                    if not first:
-                        raise ProxyError(
-                            502,
-                            f"{deployment.litellm_model} closed the stream before sending anything",
-                            "server_error",
-                            code="upstream_stream_empty",
-                            retryable=True,
-                        )
-                    break
-                first = translator.feed(data_in)
+            async with asyncio.timeout(first_byte):  # one deadline, keep-alive comments or not
+                resp = await self.session.post(url, data=data, headers=headers)
+                if resp.status >= 400:
+                    raise self._upstream_error(provider, resp, await resp.read())
+                translator = provider.stream(endpoint, deployment)
+                first: list[dict[str, Any]] = []
+                while not first:
+                    data_in = await resp.content.readany()
+                    if not data_in:
+                        first = translator.finish()
+                        if not first:
+                            raise ProxyError(
+                                502,
+                                f"{deployment.litellm_model} closed the stream before sending "
+                                "anything",
+                                "server_error",
+                                code="upstream_stream_empty",
+                                retryable=True,
+                            )
+                        break
+                    first = translator.feed(data_in)
             read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
             return OpenStream(resp, translator, first, read_timeout or timeout)
-        except TimeoutError:
+        except BaseException as e:
             if resp is not None:
                 resp.close()
-            raise errors.upstream_timeout(
-                f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
-            ) from None
-        except aiohttp.ClientError as e:
-            if resp is not None:
-                resp.close()
-            raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
-            ) from None
-        except ProxyError:
-            if resp is not None:
-                resp.close()
+            if isinstance(e, TimeoutError):
+                raise errors.upstream_timeout(
+                    f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
+                ) from None
+            if isinstance(e, aiohttp.ClientError):
+                raise errors.upstream_unreachable(
+                    f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
+                ) from None
+            if isinstance(e, ValueError | TypeError | KeyError | AttributeError):
+                raise bad_answer(deployment, e) from None
             raise
 
     @staticmethod
@@ -217,10 +235,9 @@ class Upstream:
         except ValueError:
             payload = raw.decode("utf-8", "replace")
         error = provider.error(resp.status, payload)
-        for name in ("retry-after", "retry-after-ms"):
-            if name in resp.headers:
-                value = resp.headers[name]
-                if name == "retry-after-ms":
-                    value = str(float(value) / 1000)
-                error.headers["retry-after"] = value
+        if "retry-after" in resp.headers:
+            error.headers["retry-after"] = resp.headers["retry-after"]
+        if "retry-after-ms" in resp.headers:
+            with contextlib.suppress(ValueError):
+                error.headers["retry-after"] = str(float(resp.headers["retry-after-ms"]) / 1000)
         return error

@@ -132,7 +132,7 @@ class Router:
             return
         await self.relay.start()
         path = self.relay.register(RelayedStream(reply.status, reply.headers, reply.stream))
-        flow.metadata[RELAY_KEY] = True
+        flow.metadata[RELAY_KEY] = path
         flow.request.scheme = "http"
         flow.request.host = "127.0.0.1"
         flow.request.port = self.relay.port
@@ -156,7 +156,9 @@ class Router:
         body = None if flow.response.stream else flow.response.get_content(strict=False)
         self.engine.finish_passthrough(tap.exchange, flow.response.status_code, body, tap.usage)
 
-    def error(self, flow: http.HTTPFlow) -> None:
+    async def error(self, flow: http.HTTPFlow) -> None:
+        if path := flow.metadata.pop(RELAY_KEY, None):
+            await self.relay.abandon(path)
         tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
         if tap is None or self.engine is None:
             return

@@ -55,7 +55,8 @@ class OpenAIStream(StreamTranslator):
                 ) from None
             if isinstance(chunk, dict) and "error" in chunk:
                 status = chunk["error"].get("status") if isinstance(chunk["error"], dict) else None
-                raise upstream_error(int(status or 500), chunk, provider=self._provider)
+                code = status if isinstance(status, int) and 400 <= status < 600 else 500
+                raise upstream_error(code, chunk, provider=self._provider)
             out.append(chunk)
         return out
 

@@ -56,6 +56,7 @@ class Ladder:
 def build_ladder(group: str, settings: RouterSettings) -> Ladder:
     chain = [group]
     for target in settings.fallbacks.get(group, settings.fallbacks.get("*", [])):
+        target = settings.model_group_alias.get(target, target)
         if target not in chain:
             chain.append(target)
     return Ladder(chain)
@@ -64,10 +65,13 @@ def build_ladder(group: str, settings: RouterSettings) -> Ladder:
 def special_fallbacks(error: ProxyError, group: str, settings: RouterSettings) -> list[str]:
     """Fallback groups for a non-retryable error that has its own ladder."""
     if error.kind == "context_window":
-        return settings.context_window_fallbacks.get(group, [])
-    if error.kind == "content_policy":
-        return settings.content_policy_fallbacks.get(group, [])
-    return []
+        ladder = settings.context_window_fallbacks
+    elif error.kind == "content_policy":
+        ladder = settings.content_policy_fallbacks
+    else:
+        return []
+    targets = ladder.get(group, ladder.get("*", []))
+    return [settings.model_group_alias.get(t, t) for t in targets]
 
 
 def retries_for(error: ProxyError, settings: RouterSettings) -> int:

@@ -33,4 +33,6 @@ class DeploymentPicker:
         if len(fresh) == 1:
             return fresh[0]
         weights = [d.weight if d.weight != 1.0 or not d.rpm else float(d.rpm) for d in fresh]
+        if not any(weights):  # all drained (weight 0): still better than no answer
+            return fresh[0]
         return self._random.choices(fresh, weights=weights)[0]

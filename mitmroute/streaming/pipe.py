@@ -74,6 +74,10 @@ async def pipe_stream(
     except (GeneratorExit, asyncio.CancelledError):
         exchange.error_type = "client_disconnected"
         raise
+    except Exception as e:  # an answer we could not read: say so in the stream, don't truncate
+        exchange.error_type, exchange.status_code = "bad_upstream_stream", 502
+        yield encode_error(f"{label} sent a stream that could not be read: {type(e).__name__}",
+                           code="bad_upstream_stream")  # fmt: skip
     finally:
         resp.close()
         complete = exchange.error_type is None and (translator.done or assembler.finished)

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 64 * 1024
 """Wait for the reader (mitmproxy) only when this much is buffered: chunks go out at once."""
-CLAIM_TIMEOUT = 30.0
+CLAIM_TIMEOUT = 10.0
 """A registered stream nobody fetches within this many seconds is closed."""
 
 
@@ -60,14 +60,23 @@ class StreamRelay:
         self._pending[token] = (stream, timer)
         return f"/{token}"
 
-    async def _expire(self, token: str) -> None:
+    async def abandon(self, path: str) -> None:
+        """Close a registered stream nobody will fetch (its client went away)."""
+        await self._expire(path.lstrip("/"), quiet=True)
+
+    async def _expire(self, token: str, quiet: bool = False) -> None:
         entry = self._pending.pop(token, None)
         if entry is None:
             return
         entry[1].cancel()
-        log.warning("relay: stream %s was never fetched; closing it", token[:6])
+        if not quiet:
+            log.warning("relay: stream %s was never fetched; closing it", token[:6])
+        chunks = entry[0].chunks
         with contextlib.suppress(Exception):
-            await entry[0].chunks.aclose()  # type: ignore[attr-defined]
+            # An async generator that never started ignores aclose(): step it to its first
+            # yield (already in memory) so that closing runs its cleanup (upstream, books).
+            await anext(chunks)
+            await chunks.aclose()  # type: ignore[attr-defined]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -109,6 +118,8 @@ class StreamRelay:
             async for chunk in chunks:
                 if chunk:
                     writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+                    if writer.transport.is_closing():
+                        return False  # the client went away: stop reading upstream
                     if writer.transport.get_write_buffer_size() > HIGH_WATER:
                         await writer.drain()
             writer.write(b"0\r\n\r\n")

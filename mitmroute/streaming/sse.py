@@ -117,6 +117,8 @@ class ChunkAssembler:
             acc["role"] = delta["role"]
         if delta.get("content") is not None:
             acc["content"] = (acc["content"] or "") + delta["content"]
+        if isinstance(choice.get("text"), str):  # legacy /v1/completions chunks
+            acc["content"] = (acc["content"] or "") + choice["text"]
         if delta.get("refusal") is not None:
             acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
         for call in delta.get("tool_calls") or ():

@@ -52,9 +52,24 @@ def test_chat_completion_is_answered_by_the_configured_backend(routed, backend):
     assert backend.state.headers[-1]["authorization"] == "Bearer sk-backend-secret"
 
 
-def test_client_key_is_forwarded_only_when_the_deployment_has_none(routed, backend):
+def test_client_key_never_reaches_a_backend_it_was_not_meant_for(routed, backend):
+    """A keyless deployment on another host gets no key: the app's key was for OpenAI."""
     with routed.client(api_key="sk-client-own") as client:
         client.chat.completions.create(model="no-key", messages=[{"role": "user", "content": "x"}])
+    assert "authorization" not in backend.state.headers[-1]
+
+
+def test_client_key_goes_to_the_host_it_addressed_when_the_deployment_has_none(
+    start_proxy, backend
+):
+    proxy = start_proxy(
+        {
+            "model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1")],
+            "general_settings": {"intercept_hosts": ["api.openai.com", "127.0.0.1"]},
+        }
+    )
+    with proxy.client(api_key="sk-client-own") as client:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert backend.state.headers[-1]["authorization"] == "Bearer sk-client-own"
 
 

@@ -246,3 +246,24 @@ def test_refused_requests_are_logged_too(start_proxy, fake):
     proxy.stop()
     logged = rows(proxy.spend_db, "select requested_model, status_code, error_type from spend_log")
     assert logged == [("gpt-4o", 401, "invalid_api_key")]
+
+
+def test_client_leaving_mid_stream_is_logged_and_stops_the_upstream(start_proxy, fake):
+    proxy = start_proxy(
+        {
+            "model_list": [
+                deployment("slow", "openai/slow-200", f"{fake.url}/v1", api_key="k"),
+            ]
+        }
+    )
+    words = " ".join(f"w{i}" for i in range(15))
+    with proxy.client() as client:
+        stream = client.chat.completions.create(
+            model="slow", stream=True, messages=[{"role": "user", "content": words}]
+        )
+        next(iter(stream))
+        stream.close()  # the user pressed "stop"
+    time.sleep(1.0)
+    proxy.stop()
+    ((error_type, status),) = rows(proxy.spend_db, "select error_type, status_code from spend_log")
+    assert error_type == "client_disconnected"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mitmroute.config import parse_config
 from mitmroute.errors import ProxyError
 from mitmroute.routing.cooldown import Cooldowns
-from mitmroute.routing.ladder import backoff, build_ladder, retries_for
+from mitmroute.routing.ladder import backoff, build_ladder, retries_for, special_fallbacks
 from mitmroute.routing.picker import DeploymentPicker
 
 
@@ -94,3 +94,38 @@ def test_backoff_grows_and_honours_retry_after():
     assert backoff(3, config.router, None) <= 1.0
     assert backoff(1, config.router, 3.0) == 3.0
     assert backoff(1, config.router, 999) == 30.0  # bounded
+
+
+def test_fallbacks_may_name_aliases_and_wildcards():
+    config = parse_config(
+        {
+            "model_list": [
+                {"model_name": n, "litellm_params": {"model": f"openai/{n}"}} for n in ("a", "b")
+            ],
+            "router_settings": {
+                "model_group_alias": {"bee": "b"},
+                "fallbacks": [{"a": ["bee"]}],
+                "context_window_fallbacks": [{"*": ["bee"]}],
+            },
+        },
+        environ={},
+    )
+    assert build_ladder("a", config.router).groups == ["a", "b"]
+    too_long = ProxyError(400, "maximum context length", kind="context_window")
+    assert special_fallbacks(too_long, "a", config.router) == ["b"]
+
+
+def test_entries_differing_only_in_key_are_distinct_deployments_and_urls_hide_secrets():
+    config = parse_config(
+        {
+            "model_list": [
+                {"model_name": "g", "litellm_params": {"model": "openai/x", "api_key": k,
+                                                       "api_base": "https://u:pw@h.example/v1"}}
+                for k in ("key-a", "key-b")
+            ]
+        },
+        environ={},
+    )  # fmt: skip
+    a, b = config.deployments
+    assert a.id != b.id
+    assert "pw" not in a.id and a.public_base == "https://h.example/v1"
