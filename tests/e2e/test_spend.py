@@ -265,5 +265,8 @@ def test_client_leaving_mid_stream_is_logged_and_stops_the_upstream(start_proxy,
         stream.close()  # the user pressed "stop"
     time.sleep(1.0)
     proxy.stop()
-    ((error_type, status),) = rows(proxy.spend_db, "select error_type, status_code from spend_log")
+    ((error_type, completion),) = rows(
+        proxy.spend_db, "select error_type, completion_tokens from spend_log"
+    )
     assert error_type == "client_disconnected"
+    assert completion < 16  # the rest of the answer was never read from the backend
