@@ -9,6 +9,7 @@ unrouted.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -28,6 +29,8 @@ RELAY_KEY = "mitmroute.relay"
 PASSTHROUGH_KEY = "mitmroute.passthrough"
 IDENTITY_KEY = "mitmroute.identity"
 EXCHANGE_KEY = "mitmroute.exchange"
+RETIRE_GRACE = 120.0
+"""Seconds a replaced engine keeps its upstream session for requests in flight."""
 
 
 class Router:
@@ -37,6 +40,8 @@ class Router:
         self.relay = StreamRelay()
         self.is_running = False
         self.loaded_from: str | None = None
+        self.retired: set[Engine] = set()
+        """Engines replaced by a config reload, still serving their requests in flight."""
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -77,9 +82,15 @@ class Router:
             ctx.master.event_loop.create_task(self._swap(old))  # type: ignore[attr-defined]
 
     async def _swap(self, old: Engine | None) -> None:
+        """Start the new engine; let the old one finish what it is serving, then close it."""
         assert self.engine is not None
         await self.engine.start()
-        if old is not None:
+        if old is None:
+            return
+        self.retired.add(old)
+        await asyncio.sleep(RETIRE_GRACE)
+        if old in self.retired:
+            self.retired.discard(old)
             await old.close()
 
     async def running(self) -> None:
@@ -90,8 +101,10 @@ class Router:
 
     async def done(self) -> None:
         await self.relay.close()
-        if self.engine is not None:
-            await self.engine.close()
+        for engine in [self.engine, *self.retired]:
+            if engine is not None:
+                await engine.close()
+        self.retired.clear()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
