@@ -300,7 +300,7 @@ class Engine:
                     tried = set()
                     continue
             if deployment.id in tried:
-                if last is None or retries >= retries_for(last, settings):
+                if last is None or not last.retryable or retries >= retries_for(last, settings):
                     raise self._exhausted(group, failures, last)
                 retries += 1
                 retry_after = parse_retry_after(last.headers.get("retry-after"))
@@ -318,6 +318,8 @@ class Engine:
             except ProxyError as e:
                 last = e
                 failures.append(f"{deployment.litellm_model} ({deployment.public_base}): {e}")
+                if e.kind == "unsupported":
+                    continue  # no attempt was made: nothing to cool down
                 if e.retryable or (e.kind == "auth" and deployment.api_key):
                     # a deployment's own key rejected: that deployment is broken, not the request
                     retry_after = parse_retry_after(e.headers.get("retry-after"))

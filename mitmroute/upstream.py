@@ -97,11 +97,15 @@ class Upstream:
         remaining: float,
     ) -> Answer:
         provider = provider_for(deployment.provider)
-        if endpoint not in provider.endpoints:
-            raise errors.bad_request(
-                f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
-            )
-        call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
+        try:
+            if endpoint not in provider.endpoints:
+                raise errors.bad_request(
+                    f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
+                )
+            call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
+        except ProxyError as e:
+            e.kind = "unsupported"  # this deployment can't take it; another one may
+            raise
         headers = call.headers
         if not deployment.api_key and self._client_key_goes_to(deployment):
             # No key of our own: the client's key (and org/project) go where it meant them to.

@@ -47,6 +47,9 @@ def ladder(backend, confdir, tmp_path_factory):
             ok("stream-primary", backend, "fail-502"),
             ok("stream-backup", backend, "stream-backup-answer"),
             ok("breaks", backend, "break"),
+            deployment("mixed", "ollama/qwen3:8b", backend.url),
+            ok("mixed", backend, "openai-sibling"),
+            deployment("ollama-only", "ollama/qwen3:8b", backend.url),
         ],
         "router_settings": {
             "fallbacks": [
@@ -164,3 +167,12 @@ def test_deployment_at_its_rpm_is_skipped_for_its_twin(start_proxy, backend):
     ask(proxy, "solo")
     with proxy.client() as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="solo", messages=MSG)
+
+
+def test_a_parameter_one_deployment_cannot_take_goes_to_a_sibling_that_can(ladder):
+    for _ in range(4):
+        completion, _headers = ask(ladder, "mixed", logprobs=True)
+        assert completion.model == "openai-sibling"
+    with ladder.client() as client, pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="ollama-only", messages=MSG, logprobs=True)
+    assert info.value.param == "logprobs"
