@@ -442,7 +442,7 @@ class Engine:
         if exchange.usage is None or exchange.usage.total_tokens == 0:
             self._estimate(exchange, body, completion)
         self.finish(exchange, deployment)
-        if complete:
+        if complete and not body.get("logprobs"):
             if exchange.usage is not None and "usage" not in completion:
                 completion["usage"] = exchange.usage.to_openai()
             self._store(ticket, exchange, completion)

@@ -86,8 +86,11 @@ class RouterMetrics:
                  cache_enabled: bool = False) -> None:  # fmt: skip
         """Count one finished exchange; `cost` defaults to its `cost_usd`."""
         cost = exchange.cost_usd if cost is None else cost
+        deployment = exchange.deployment or ""
+        if deployment.startswith("passthrough/"):  # client-chosen names: bounded label values
+            deployment = "passthrough"
         labels = (exchange.team or "", exchange.key_alias or "", exchange.model_group or "",
-                  exchange.deployment or "")  # fmt: skip
+                  deployment)  # fmt: skip
         self.requests.labels(*labels, str(exchange.status_code or "")).inc()
         if (usage := exchange.usage) is not None:
             self.tokens.labels(*labels, "input").inc(usage.prompt_tokens)

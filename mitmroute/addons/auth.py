@@ -170,6 +170,11 @@ class KeyAuth:
         except Exception as e:  # fail closed
             log.warning("auth: key store failed: %s: %s", type(e).__name__, e)
             self._reply(flow, unavailable())
+        finally:
+            if flow.response is None and IDENTITY_KEY not in flow.metadata and route is None:
+                # neither answered nor authenticated: never let it go on unauthenticated
+                error = unavailable()
+                flow.response = http.Response.make(error.status, error.to_bytes(), JSON)
 
     async def _authenticate(self, flow: http.HTTPFlow, state: _State, route: str | None) -> None:
         assert state.master_hash is not None

@@ -20,6 +20,7 @@ from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
 from mitmroute.engine import Engine
 from mitmroute.request import ClientRequest, Reply
+from mitmroute.spend.tokens import warm_up
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
 from mitmroute.streaming.tap import PassthroughTap
 
@@ -95,6 +96,8 @@ class Router:
 
     async def running(self) -> None:
         self.is_running = True
+        # the tokenizer's first load reads a file: do it now, off the event loop
+        asyncio.get_running_loop().run_in_executor(None, warm_up)
         await self.relay.start()
         if self.engine is not None:
             await self.engine.start()

@@ -42,4 +42,4 @@ class SpendLog:
             return
         if not self.writer.close():
             log.warning("mitmroute: some spend rows went to the spill file (db busy at exit)")
-        self.writer = None
+        # The closed writer stays: rows of streams that end after this go to its spill file.

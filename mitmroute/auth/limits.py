@@ -472,7 +472,8 @@ class CostEstimator:
             reachable = {group}
             for ladder in (settings.fallbacks, settings.context_window_fallbacks,
                            settings.content_policy_fallbacks):  # fmt: skip
-                reachable.update(ladder.get(group, []), ladder.get("*", []))
+                targets = [*ladder.get(group, []), *ladder.get("*", [])]
+                reachable.update(settings.model_group_alias.get(t, t) for t in targets)
             found = [rates[d.id] for g in reachable for d in groups.get(g, [])]
             self._rates[group] = (max((r[0] for r in found), default=Decimal(0)),
                                   max((r[1] for r in found), default=Decimal(0)))  # fmt: skip

@@ -97,6 +97,9 @@ class OpenAIProvider(Provider):
                 code="bad_upstream_response",
                 retryable=True,
             ) from None
+        if isinstance(body, dict) and "error" in body and not body.get("choices"):
+            # some gateways answer 200 with an error object: an error, never a cacheable answer
+            raise upstream_error(502, body, provider=self.name)
         if not isinstance(body, dict):
             raise ProxyError(
                 502,

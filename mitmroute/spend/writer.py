@@ -401,6 +401,8 @@ class SpendLog:
             self._queue.clear()
         if self._thread.is_alive():
             log.error("spend: writer thread did not stop within %.1fs", timeout)
+            if leftovers:  # the thread no longer looks at the queue: keep these on disk
+                self.spill.append([self.rows.build(ex) for _, ex in leftovers])
             self._close_result = False
             return False
         if leftovers:  # recorded between the thread's last drain and _closed

@@ -119,6 +119,8 @@ class ChunkAssembler:
             acc["content"] = (acc["content"] or "") + delta["content"]
         if isinstance(choice.get("text"), str):  # legacy /v1/completions chunks
             acc["content"] = (acc["content"] or "") + choice["text"]
+        if delta.get("reasoning_content"):
+            acc["reasoning_content"] = acc.get("reasoning_content", "") + delta["reasoning_content"]
         if delta.get("refusal") is not None:
             acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
         for call in delta.get("tool_calls") or ():
@@ -158,6 +160,8 @@ class ChunkAssembler:
             message: dict[str, Any] = {"role": c["role"], "content": c["content"]}
             if c["refusal"] is not None:
                 message["refusal"] = c["refusal"]
+            if c.get("reasoning_content"):
+                message["reasoning_content"] = c["reasoning_content"]
             if c["tool_calls"]:
                 message["tool_calls"] = [c["tool_calls"][i] for i in sorted(c["tool_calls"])]
             choices.append(

@@ -150,3 +150,22 @@ def test_ollama_rejects_what_it_cannot_do_unless_drop_params():
     assert info.value.status == 400 and info.value.param == "logprobs"
     call = provider.build("chat/completions", body, _deployment("ollama/q"), drop_params=True)
     assert "logprobs" not in json.loads(call.body)
+
+
+def test_a_200_carrying_an_error_object_is_an_error_not_an_answer():
+    with pytest.raises(ProxyError) as info:
+        provider_for("openai").parse(
+            "chat/completions",
+            b'{"error": {"message": "upstream overloaded"}}',
+            _deployment("openai/x"),
+        )
+    assert info.value.retryable and "overloaded" in info.value.message
+
+
+def test_assembler_keeps_reasoning_text():
+    assembler = ChunkAssembler()
+    assembler.add({"choices": [{"index": 0, "delta": {"reasoning_content": "think "}}]})
+    assembler.add({"choices": [{"index": 0, "delta": {"reasoning_content": "hard"}}]})
+    assembler.add({"choices": [{"index": 0, "delta": {"content": "42"}, "finish_reason": "stop"}]})
+    message = assembler.completion()["choices"][0]["message"]
+    assert message["reasoning_content"] == "think hard" and message["content"] == "42"
