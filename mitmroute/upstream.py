@@ -56,6 +56,19 @@ class OpenStream:
     read_timeout: float | None
 
 
+def call_failure(error: BaseException, deployment: Deployment, timed_out: str) -> BaseException:
+    """The ProxyError a failed backend call stands for; anything else is returned unchanged."""
+    if isinstance(error, TimeoutError):
+        return errors.upstream_timeout(f"{deployment.litellm_model} {timed_out}")
+    if isinstance(error, aiohttp.ClientError):
+        return errors.upstream_unreachable(
+            f"{deployment.litellm_model} unreachable: {type(error).__name__}: {error}"
+        )
+    if isinstance(error, ValueError | TypeError | KeyError | AttributeError):
+        return bad_answer(deployment, error)
+    return error
+
+
 class Upstream:
     """The pooled HTTP session to every backend, and one attempt at one deployment."""
 
@@ -167,16 +180,11 @@ class Upstream:
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
                 return provider.parse(endpoint, raw, deployment), raw
-        except TimeoutError:
-            raise errors.upstream_timeout(
-                f"{deployment.litellm_model} did not answer within {timeout:.1f}s"
-            ) from None
-        except aiohttp.ClientError as e:
-            raise errors.upstream_unreachable(
-                f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
-            ) from None
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise bad_answer(deployment, e) from None
+        except Exception as e:
+            error = call_failure(e, deployment, f"did not answer within {timeout:.1f}s")
+            if error is e:
+                raise
+            raise error from None
 
     async def _open_stream(
         self,
@@ -220,17 +228,10 @@ class Upstream:
         except BaseException as e:
             if resp is not None:
                 resp.close()
-            if isinstance(e, TimeoutError):
-                raise errors.upstream_timeout(
-                    f"{deployment.litellm_model} sent no stream data within {first_byte:.1f}s"
-                ) from None
-            if isinstance(e, aiohttp.ClientError):
-                raise errors.upstream_unreachable(
-                    f"{deployment.litellm_model} unreachable: {type(e).__name__}: {e}"
-                ) from None
-            if isinstance(e, ValueError | TypeError | KeyError | AttributeError):
-                raise bad_answer(deployment, e) from None
-            raise
+            error = call_failure(e, deployment, f"sent no stream data within {first_byte:.1f}s")
+            if error is e:
+                raise
+            raise error from None
 
     @staticmethod
     def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse, raw: bytes) -> ProxyError:
