@@ -13,7 +13,6 @@ import functools
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
@@ -39,9 +38,8 @@ from mitmroute.request import (
     SSE_HEADERS,
     ClientRequest,
     Reply,
-    bearer,
     endpoint_of,
-    hash_key,
+    new_exchange,
     now_utc,
 )
 from mitmroute.routing.cooldown import Cooldowns
@@ -109,7 +107,7 @@ class Engine:
             return self._models()
         if endpoint not in ROUTED_ENDPOINTS or request.method != "POST":
             return Reply(passthrough=True)
-        exchange = self._new_exchange(request, endpoint)
+        exchange = new_exchange(request, endpoint)
         if not self._started:
             await self.start()
         ticket: CacheTicket | None = None
@@ -209,23 +207,6 @@ class Engine:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-
-    def _new_exchange(self, request: ClientRequest, endpoint: str) -> Exchange:
-        identity = request.identity
-        key = bearer(request.headers)
-        tags = [
-            t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",") if t.strip()
-        ]
-        return Exchange(
-            request_id=f"mr-{uuid.uuid4().hex}",
-            started_at=now_utc(),
-            endpoint=endpoint,
-            api_key_hash=identity.get("api_key_hash") or (hash_key(key) if key else None),
-            key_alias=identity.get("key_alias"),
-            team=identity.get("team"),
-            tags=tags,
-            clock_start=time.perf_counter(),
-        )
 
     def _parse_body(self, raw: bytes, endpoint: str) -> dict[str, Any]:
         try:

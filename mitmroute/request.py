@@ -56,23 +56,30 @@ def endpoint_of(path: str) -> str | None:
     return path[4:].rstrip("/")
 
 
+def new_exchange(request: ClientRequest, endpoint: str) -> Exchange:
+    """The record of a request that just arrived: who sent it, when, with which tags."""
+    identity = request.identity
+    key = bearer(request.headers)
+    tags = [t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",") if t.strip()]
+    return Exchange(
+        request_id=f"mr-{uuid.uuid4().hex}",
+        started_at=now_utc(),
+        endpoint=endpoint,
+        api_key_hash=identity.get("api_key_hash") or (hash_key(key) if key else None),
+        key_alias=identity.get("key_alias"),
+        team=identity.get("team"),
+        tags=tags,
+        clock_start=time.perf_counter(),
+    )
+
+
 def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | None:
     """The spend-log record of a request refused before routing (auth, budget, rate limit)."""
     endpoint = endpoint_of(request.path)
     if endpoint not in ROUTED_ENDPOINTS:
         return None
-    key = bearer(request.headers)
-    exchange = Exchange(
-        request_id=f"mr-{uuid.uuid4().hex}",
-        started_at=now_utc(),
-        endpoint=endpoint,
-        api_key_hash=request.identity.get("api_key_hash") or (hash_key(key) if key else None),
-        key_alias=request.identity.get("key_alias"),
-        team=request.identity.get("team"),
-        status_code=error.status,
-        error_type=error.code or error.type,
-        clock_start=time.perf_counter(),
-    )
+    exchange = new_exchange(request, endpoint)
+    exchange.status_code, exchange.error_type = error.status, error.code or error.type
     with contextlib.suppress(ValueError, AttributeError):
         body = json.loads(request.body)
         exchange.requested_model = str(body.get("model")) if body.get("model") else None
