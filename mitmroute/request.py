@@ -34,6 +34,10 @@ class ClientRequest:
     body: bytes
     identity: dict[str, Any] = field(default_factory=dict)
     """What authentication learned of the caller: key_alias, team, api_key_hash, ..."""
+    scheme: str = "https"
+    host: str = ""
+    port: int = 443
+    """Where the client meant the request to go (the intercepted host)."""
 
 
 @dataclass(slots=True)

@@ -139,6 +139,9 @@ class Router:
             headers=headers,
             body=flow.request.get_content(strict=False) or b"",
             identity=flow.metadata.get(IDENTITY_KEY, {}),
+            scheme=flow.request.scheme,
+            host=flow.request.host.lower(),
+            port=flow.request.port,
         )
 
     async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
