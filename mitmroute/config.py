@@ -102,6 +102,8 @@ KNOWN_ROUTER_SETTINGS = {
 KNOWN_GENERAL_SETTINGS = {
     "intercept_hosts",
     "spend_db",
+    "max_request_size_mb",
+    "passthrough_paths",
     "passthrough_unknown_models",
     "master_key",
     "database_url",
@@ -228,6 +230,10 @@ class CacheSettings:
     max_item_bytes: int = 1024 * 1024
 
 
+DEFAULT_MAX_REQUEST_SIZE_MB = 32.0
+DEFAULT_PASSTHROUGH_PATHS = ("/v1/*",)
+
+
 @dataclass(frozen=True, slots=True)
 class GeneralSettings:
     intercept_hosts: tuple[str, ...] = ("api.openai.com",)
@@ -243,6 +249,14 @@ class GeneralSettings:
     spend_alerts: tuple[dict[str, Any], ...] = ()
     price_file: str | None = None
     database_url: str | None = None
+    max_request_size_mb: float = DEFAULT_MAX_REQUEST_SIZE_MB
+    """Largest request body accepted on an intercepted host, after decompression."""
+    passthrough_paths: tuple[str, ...] = DEFAULT_PASSTHROUGH_PATHS
+    """Path globs of an intercepted host that go to the original host unrouted."""
+
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_size_mb * 1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,7 +567,28 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
         spend_alerts=tuple(alerts),
         price_file=g.get("price_file"),
         database_url=g.get("database_url"),
+        max_request_size_mb=_max_request_size(g.get("max_request_size_mb"), path),
+        passthrough_paths=tuple(_passthrough_paths(g.get("passthrough_paths"), path)),
     )
+
+
+def _max_request_size(value: Any, path: str) -> float:
+    if value is None:
+        return DEFAULT_MAX_REQUEST_SIZE_MB
+    size = _number(value, f"{path}.max_request_size_mb")
+    if size <= 0:
+        raise ConfigError(f"{path}.max_request_size_mb: must be above 0, got {value!r}")
+    return float(size)
+
+
+def _passthrough_paths(value: Any, path: str) -> list[str]:
+    if value is None:
+        return list(DEFAULT_PASSTHROUGH_PATHS)
+    globs = _str_list(value, f"{path}.passthrough_paths")
+    for i, glob in enumerate(globs):
+        if not glob.startswith("/"):
+            raise ConfigError(f"{path}.passthrough_paths[{i}]: must start with /, got {glob!r}")
+    return globs
 
 
 def _cache_settings(settings: dict[str, Any], environ: dict[str, str]) -> CacheSettings:

@@ -18,6 +18,7 @@ from decimal import Decimal
 from typing import Any
 
 from mitmroute import errors
+from mitmroute.bodies import parse_json_object
 from mitmroute.cache import (
     CacheControls,
     CachedAnswer,
@@ -38,6 +39,7 @@ from mitmroute.request import (
     SSE_HEADERS,
     ClientRequest,
     Reply,
+    endpoint_name,
     endpoint_of,
     new_exchange,
     now_utc,
@@ -97,16 +99,16 @@ class Engine:
 
     # --- the story ------------------------------------------------------------------------
 
-    def intercepts(self, host: str) -> bool:
-        return host.lower() in self.config.general.intercept_hosts
-
     async def handle(self, request: ClientRequest) -> Reply:
-        """Answer one intercepted request (never raises)."""
+        """Answer one intercepted request (never raises). Whatever it becomes, routed,
+        answered, refused or passed through, the Reply carries its spend-log Exchange."""
         endpoint = endpoint_of(request.path)
         if endpoint == "models" and request.method == "GET":
-            return self._models()
+            return self._models(new_exchange(request, endpoint))
         if endpoint not in ROUTED_ENDPOINTS or request.method != "POST":
-            return Reply(passthrough=True)
+            return Reply(
+                passthrough=True, exchange=new_exchange(request, endpoint_name(request.path))
+            )
         exchange = new_exchange(request, endpoint)
         if not self._started:
             await self.start()
@@ -208,18 +210,28 @@ class Engine:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _parse_body(self, raw: bytes, endpoint: str) -> dict[str, Any]:
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError as e:
-            raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise errors.bad_request("The request body must be a JSON object.")
+    @staticmethod
+    def _parse_body(raw: bytes, endpoint: str) -> dict[str, Any]:
+        """The request body, with every parameter the proxy itself reads checked for type."""
+        body = parse_json_object(raw)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise errors.bad_request("you must provide a model parameter", param="model")
-        if "stream" in body and not isinstance(body["stream"], bool | None):
+        if body.get("stream") is not None and not isinstance(body["stream"], bool):
             raise errors.bad_request("`stream` must be a boolean", param="stream")
+        options = body.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise errors.bad_request(
+                    "`stream_options` must be an object", param="stream_options"
+                )
+            if not isinstance(options.get("include_usage", False), bool):
+                raise errors.bad_request(
+                    "`stream_options.include_usage` must be a boolean",
+                    param="stream_options.include_usage",
+                )
+        if body.get("user") is not None and not isinstance(body["user"], str):
+            raise errors.bad_request("`user` must be a string", param="user")
         if endpoint == CHAT:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -446,21 +458,23 @@ class Engine:
             prompt_tokens=prompt, completion_tokens=completion, source="estimated"
         )
 
-    def _models(self) -> Reply:
+    def _models(self, exchange: Exchange) -> Reply:
         created = int(time.time())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "mitmroute"}
             for name in [*self.groups, *self.config.router.model_group_alias]
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
-        return Reply(200, dict(JSON_HEADERS), body)
+        exchange.status_code, exchange.deployment = 200, "mitmroute/models"
+        self.finish(exchange)
+        return Reply(200, self._headers(exchange, JSON_HEADERS), body, exchange=exchange)
 
     def finish_passthrough(
         self, exchange: Exchange, status: int, body: bytes | None, usage: Usage | None
     ) -> None:
         """Log an exchange that went to its original host unrouted."""
         exchange.status_code = status
-        exchange.deployment = f"passthrough/{exchange.requested_model}"
+        exchange.deployment = f"passthrough/{exchange.requested_model or exchange.endpoint}"
         exchange.provider = "openai"
         if body and usage is None:
             with contextlib.suppress(ValueError, AttributeError):

@@ -129,3 +129,47 @@ def upstream_error(status: int, payload: object, *, provider: str) -> ProxyError
         retryable=status in RETRYABLE_STATUSES,
         kind=kind,
     )
+
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def render(error: ProxyError, dialect: str = "openai") -> bytes:
+    """The error body in the client's own API shape (OpenAI's, or Anthropic's)."""
+    if dialect != "anthropic":
+        return error.to_bytes()
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status)
+    if kind is None:
+        kind = "api_error" if error.status >= 500 else "invalid_request_error"
+    return json.dumps({"type": "error", "error": {"type": kind, "message": error.message}}).encode()
+
+
+def body_too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413,
+        f"The request body is larger than this proxy accepts ({limit} bytes after "
+        "decompression; general_settings.max_request_size_mb).",
+        "invalid_request_error",
+        code="request_too_large",
+        kind="bad_request",
+    )
+
+
+def unsupported_encoding(encoding: str) -> ProxyError:
+    return ProxyError(
+        415,
+        f"Unsupported content-encoding `{encoding}`: send identity, gzip, deflate or br.",
+        "invalid_request_error",
+        code="unsupported_content_encoding",
+        kind="bad_request",
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -14,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from mitmroute.bodies import parse_json_object
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
 from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS
@@ -77,16 +77,20 @@ def new_exchange(request: ClientRequest, endpoint: str) -> Exchange:
     )
 
 
-def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | None:
-    """The spend-log record of a request refused before routing (auth, budget, rate limit)."""
-    endpoint = endpoint_of(request.path)
-    if endpoint not in ROUTED_ENDPOINTS:
-        return None
-    exchange = new_exchange(request, endpoint)
+def endpoint_name(path: str) -> str:
+    """The spend log's `endpoint`: `chat/completions` for a `/v1/` path, else the whole path."""
+    return endpoint_of(path) or path.split("?", 1)[0]
+
+
+def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange:
+    """The spend-log record of a request the proxy answered with an error before routing it
+    (a refused path, auth, budget, rate limit, a body it can't read, an internal failure)."""
+    exchange = new_exchange(request, endpoint_name(request.path))
     exchange.status_code, exchange.error_type = error.status, error.code or error.type
-    with contextlib.suppress(ValueError, AttributeError):
-        body = json.loads(request.body)
-        exchange.requested_model = str(body.get("model")) if body.get("model") else None
+    with contextlib.suppress(ProxyError):
+        body = parse_json_object(request.body)
+        model = body.get("model")
+        exchange.requested_model = model if isinstance(model, str) and model else None
         exchange.stream = body.get("stream") is True
     exchange.ended_at, exchange.latency_ms = exchange.started_at, 0.0
     return exchange

@@ -7,6 +7,7 @@ import logging
 import time
 from typing import Any
 
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.alerts import (
     CooldownAlerts,
@@ -23,6 +24,7 @@ from mitmroute.exchange import Exchange
 log = logging.getLogger("mitmroute.alerts")
 
 
+@fail_closed
 class Alerts:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

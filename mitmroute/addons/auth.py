@@ -23,6 +23,7 @@ from typing import Any
 
 from mitmproxy import http
 
+from mitmroute.addons.flows import RECORDED_KEY
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth import AuthBackend, location, open_backend
@@ -258,6 +259,7 @@ class KeyAuth:
         headers = {**JSON, **error.headers}
         if (exchange := refused_exchange(request, error)) is not None:
             headers["x-mitmroute-request-id"] = exchange.request_id
+            flow.metadata[RECORDED_KEY] = True
             self.shared.publish_exchange(exchange)
         flow.response = http.Response.make(error.status, error.to_bytes(), headers)
 

@@ -9,6 +9,7 @@ import logging
 
 from mitmproxy import ctx
 
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.exchange import Exchange
 
@@ -16,6 +17,7 @@ log = logging.getLogger("mitmroute")
 CHATTY_LOGGERS = ("mitmproxy.proxy.server", "mitmproxy.proxy.layers.http")
 
 
+@fail_closed
 class Console:
     def __init__(self, shared: Shared) -> None:
         self.shows_info = True

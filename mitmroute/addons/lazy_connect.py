@@ -11,9 +11,12 @@ import logging
 
 from mitmproxy import ctx
 
+from mitmroute.addons.guard import fail_closed
+
 log = logging.getLogger(__name__)
 
 
+@fail_closed
 class LazyConnect:
     def configure(self, updated: set[str]) -> None:
         if "connection_strategy" not in updated or ctx.options.connection_strategy == "lazy":

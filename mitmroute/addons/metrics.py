@@ -6,6 +6,7 @@ import logging
 
 from mitmproxy import ctx
 
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.auth.limits import CostEstimator
 from mitmroute.config import RouterConfig
@@ -15,6 +16,7 @@ from mitmroute.metrics import MetricsServer, RouterMetrics, metrics_port
 log = logging.getLogger("mitmroute.metrics")
 
 
+@fail_closed
 class Metrics:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

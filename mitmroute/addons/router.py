@@ -15,25 +15,32 @@ import sys
 
 from mitmproxy import ctx, exceptions, http
 
-from mitmroute import errors
+from mitmroute.addons import flows
+from mitmroute.addons.flows import (
+    EXCHANGE_KEY,
+    GATE_KEY,
+    IDENTITY_KEY,
+    PASSTHROUGH_KEY,
+    RECORDED_KEY,
+    RELAY_KEY,
+)
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
 from mitmroute.engine import Engine
-from mitmroute.request import ClientRequest, Reply
+from mitmroute.request import Reply
 from mitmroute.spend.tokens import warm_up
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
 from mitmroute.streaming.tap import PassthroughTap
 
 log = logging.getLogger("mitmroute")
 
-RELAY_KEY = "mitmroute.relay"
-PASSTHROUGH_KEY = "mitmroute.passthrough"
-IDENTITY_KEY = "mitmroute.identity"
-EXCHANGE_KEY = "mitmroute.exchange"
+__all__ = ["EXCHANGE_KEY", "IDENTITY_KEY", "PASSTHROUGH_KEY", "RELAY_KEY", "Router"]
 RETIRE_GRACE = 120.0
 """Seconds a replaced engine keeps its upstream session for requests in flight."""
 
 
+@fail_closed
 class Router:
     def __init__(self, shared: Shared | None = None) -> None:
         self.shared = shared or Shared()
@@ -110,39 +117,19 @@ class Router:
         self.retired.clear()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
+        if flow.response or flow.error or not flow.live or GATE_KEY not in flow.metadata:
             return
         engine = self.engine
-        if engine is None or not engine.intercepts(flow.request.host):
+        if engine is None:
+            return  # no config: the Seal answers 500, nothing goes out unrouted
+        reply = await engine.handle(flows.client_request(flow))
+        if reply.exchange is not None:
+            flow.metadata[RECORDED_KEY] = True
+        if reply.passthrough:
+            if reply.exchange is not None:
+                flow.metadata[PASSTHROUGH_KEY] = PassthroughTap(reply.exchange)
             return
-        try:
-            reply = await engine.handle(self._client_request(flow))
-            if reply.passthrough:
-                if reply.exchange is not None:
-                    flow.metadata[PASSTHROUGH_KEY] = PassthroughTap(reply.exchange)
-                return
-            await self._respond(flow, reply)
-        except Exception as e:  # fail closed: never let the flow go on unrouted
-            log.exception("mitmroute: internal error")
-            err = errors.internal_error(f"mitmroute internal error: {type(e).__name__}")
-            flow.response = http.Response.make(
-                err.status, err.to_bytes(), {"content-type": "application/json"}
-            )
-            return
-
-    @staticmethod
-    def _client_request(flow: http.HTTPFlow) -> ClientRequest:
-        headers = {k.lower(): v for k, v in flow.request.headers.items()}
-        return ClientRequest(
-            method=flow.request.method,
-            path=flow.request.path,
-            headers=headers,
-            body=flow.request.get_content(strict=False) or b"",
-            identity=flow.metadata.get(IDENTITY_KEY, {}),
-            scheme=flow.request.scheme,
-            host=flow.request.host.lower(),
-            port=flow.request.port,
-        )
+        await self._respond(flow, reply)
 
     async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
         flow.metadata[EXCHANGE_KEY] = reply.exchange
@@ -163,10 +150,11 @@ class Router:
             return
         if flow.metadata.get(RELAY_KEY):
             flow.response.stream = True
-        elif (
-            tap := flow.metadata.get(PASSTHROUGH_KEY)
-        ) and "event-stream" in flow.response.headers.get("content-type", ""):
-            flow.response.stream = tap.observe  # stays incremental, usage is read on the way
+        elif (tap := flow.metadata.get(PASSTHROUGH_KEY)) and not _small_json(flow.response):
+            if "event-stream" in flow.response.headers.get("content-type", ""):
+                flow.response.stream = tap.observe  # incremental; usage is read on the way
+            else:
+                flow.response.stream = True  # a download, say: never held in memory
 
     def response(self, flow: http.HTTPFlow) -> None:
         tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
@@ -183,3 +171,17 @@ class Router:
             return
         tap.exchange.error_type = "passthrough_failed"
         self.engine.finish_passthrough(tap.exchange, 502, None, None)
+
+
+PASSTHROUGH_JSON_LIMIT = 1024 * 1024
+"""A passed-through JSON answer up to this size is read whole for its usage; anything else
+(streams, downloads) flows through incrementally."""
+
+
+def _small_json(response: http.Response) -> bool:
+    length = response.headers.get("content-length", "")
+    return (
+        "json" in response.headers.get("content-type", "")
+        and length.isdigit()
+        and int(length) <= PASSTHROUGH_JSON_LIMIT
+    )

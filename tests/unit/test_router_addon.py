@@ -9,7 +9,9 @@ import pytest
 import yaml
 from mitmproxy.test import taddons, tflow, tutils
 
+from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.router import Router
+from mitmroute.gate import decide
 
 
 def write_config(path, base: str) -> str:
@@ -38,7 +40,9 @@ def chat_flow(model: str = "gpt-4o"):
             {"model": model, "messages": [{"role": "user", "content": "x"}]}
         ).encode(),
     )
-    return tflow.tflow(req=request)
+    flow = tflow.tflow(req=request)
+    flow.metadata[GATE_KEY] = decide("POST", "/v1/chat/completions", "api.openai.com")
+    return flow
 
 
 async def test_reload_keeps_the_old_engine_for_requests_in_flight(tmp_path):
@@ -89,6 +93,7 @@ async def test_other_hosts_are_left_alone(tmp_path, host):
         tctx.configure(router, router_config=write_config(tmp_path / "a.yaml", "http://a.test/v1"))
         flow = chat_flow()
         flow.request.host = host
+        del flow.metadata[GATE_KEY]  # the Gate decides nothing for hosts it doesn't intercept
         await router.request(flow)
         assert flow.response is None
         await router.done()
