@@ -24,6 +24,7 @@ from typing import Any
 from mitmproxy import http
 
 from mitmroute.addons.flows import RECORDED_KEY
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth import AuthBackend, location, open_backend
@@ -109,6 +110,7 @@ class _State:
     estimator: CostEstimator | None
 
 
+@fail_closed
 class KeyAuth:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

@@ -76,6 +76,8 @@ def _failed(addon: Any, hook: str, args: tuple[Any, ...], error: Exception) -> N
     if not isinstance(target, flow.Flow) or not target.live:
         return
     if isinstance(target, http.HTTPFlow) and hook in BEFORE_RESPONSE:
+        if hook != "response" and target.response is not None:
+            return  # already answered by the proxy: nothing can go out unrouted
         if hook == "response" and target.response is not None and target.response.stream:
             target.kill()  # its head and part of its body are already with the client
             return

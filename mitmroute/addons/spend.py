@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.config import RouterConfig
 from mitmroute.exchange import Exchange
@@ -17,6 +18,7 @@ from mitmroute.spend import SpendLog as SpendWriter
 log = logging.getLogger("mitmroute")
 
 
+@fail_closed
 class SpendLog:
     def __init__(self, shared: Shared) -> None:
         self.writer: SpendWriter | None = None
