@@ -37,6 +37,18 @@ def bad_answer(deployment: Deployment, error: Exception) -> ProxyError:
     )
 
 
+def untranslatable(deployment: Deployment, error: Exception) -> ProxyError:
+    """A request whose shape the deployment's provider can't translate: the client's 400."""
+    return ProxyError(
+        400,
+        f"The request could not be translated for {deployment.litellm_model}: a parameter has "
+        f"the wrong shape ({type(error).__name__}: {str(error)[:200]})",
+        "invalid_request_error",
+        code="invalid_request_shape",
+        kind="unsupported",
+    )
+
+
 @dataclass(slots=True)
 class Answer:
     """A successful upstream answer, before it becomes a Reply."""
@@ -119,6 +131,8 @@ class Upstream:
         except ProxyError as e:
             e.kind = "unsupported"  # this deployment can't take it; another one may
             raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise untranslatable(deployment, e) from None
         headers = call.headers
         if not deployment.api_key and self._client_key_goes_to(deployment):
             # No key of our own: the client's key (and org/project) go where it meant them to.

@@ -139,6 +139,17 @@ def _answer_words(body: dict[str, Any]) -> tuple[list[str], int]:
     return ["echo:", *last.split()], prompt_words
 
 
+@web.middleware
+async def reject_malformed(request: web.Request, handler: Any) -> web.StreamResponse:
+    """What the real APIs do with a body of the wrong shape: a 400, never a 500."""
+    try:
+        return await handler(request)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+        error = {"message": f"Invalid request: {type(e).__name__}", "type": "invalid_request_error",
+                 "param": None, "code": None}  # fmt: skip
+        return web.json_response({"error": error}, status=400)
+
+
 def make_app(state: Behaviour) -> web.Application:
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -311,7 +322,7 @@ def make_app(state: Behaviour) -> web.Application:
         state.__init__()  # type: ignore[misc]
         return web.json_response({})
 
-    app = web.Application()
+    app = web.Application(middlewares=[reject_malformed])
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_post("/v1/embeddings", embeddings)
