@@ -306,7 +306,7 @@ class Engine:
             self.limits.started(deployment)
             try:
                 answer = await self.upstream.attempt(
-                    request.headers, endpoint, body, deployment, exchange, deadline - loop.time()
+                    request, endpoint, body, deployment, exchange, deadline - loop.time()
                 )
             except ProxyError as e:
                 last = e

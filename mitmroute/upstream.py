@@ -7,10 +7,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import aiohttp
 
@@ -20,7 +18,8 @@ from mitmroute.errors import ProxyError
 from mitmroute.exchange import Attempt, Exchange
 from mitmroute.providers import EMBEDDINGS, Provider, provider_for
 from mitmroute.providers.base import StreamTranslator
-from mitmroute.request import now_utc
+from mitmroute.request import ClientRequest, bearer, now_utc
+from mitmroute.secrets import LineRedactor, Redactor, deployment_secrets, same_origin
 
 FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
 
@@ -66,6 +65,29 @@ class OpenStream:
     translator: StreamTranslator
     first: list[dict[str, Any]]
     read_timeout: float | None
+    redactor: Redactor
+    """For texts made from the stream's failures (the translator reads redacted bytes)."""
+
+
+class RedactedStream(StreamTranslator):
+    """A provider's stream translator that only ever sees redacted bytes."""
+
+    __slots__ = ("_inner", "_lines")
+
+    def __init__(self, inner: StreamTranslator, redactor: Redactor) -> None:
+        self._inner = inner
+        self._lines = LineRedactor(redactor)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        return self._inner.feed(self._lines.feed(data))
+
+    def finish(self) -> list[dict[str, Any]]:
+        self._inner.feed(self._lines.finish())  # an unfinished line: only buffered, no chunks
+        return self._inner.finish()
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
 
 
 def call_failure(error: BaseException, deployment: Deployment, timed_out: str) -> BaseException:
@@ -87,6 +109,9 @@ class Upstream:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.session: aiohttp.ClientSession | None = None
+        self.redactor = Redactor.for_deployments(config.deployments)
+        """Every backend secret of the config, scrubbed from whatever comes back."""
+        self._credentialed = {d.id for d in config.deployments if any(deployment_secrets(d))}
 
     async def start(self) -> None:
         """Open the pooled session (idempotent)."""
@@ -107,14 +132,16 @@ class Upstream:
             await self.session.close()
             self.session = None
 
-    def _client_key_goes_to(self, deployment: Deployment) -> bool:
-        """Only the host the client addressed (an intercepted host) may see the client's key."""
-        host = urlparse(deployment.api_base).hostname or ""
-        return host in self.config.general.intercept_hosts
+    def _client_key_goes_to(self, deployment: Deployment, client: ClientRequest) -> bool:
+        """A client's key goes only to a deployment with no credentials of its own, and only
+        where the client sent it: the same scheme, host and port."""
+        return deployment.id not in self._credentialed and same_origin(
+            deployment.api_base, client.scheme, client.host, client.port
+        )
 
     async def attempt(
         self,
-        client_headers: Mapping[str, str],
+        client: ClientRequest,
         endpoint: str,
         body: dict[str, Any],
         deployment: Deployment,
@@ -133,14 +160,16 @@ class Upstream:
             raise
         except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
             raise untranslatable(deployment, e) from None
-        headers = call.headers
-        if not deployment.api_key and self._client_key_goes_to(deployment):
-            # No key of our own: the client's key (and org/project) go where it meant them to.
-            if auth := client_headers.get("authorization"):
+        headers, redactor = call.headers, self.redactor
+        if self._client_key_goes_to(deployment, client):
+            # No key of our own: the client's key (and org/project) go where it meant them to,
+            # and are kept out of logs like our own keys.
+            if auth := client.headers.get("authorization"):
                 headers = {**headers, "authorization": auth}
+                redactor = redactor.adding(bearer(client.headers) or auth)
             for name in FORWARDED_CLIENT_HEADERS:
-                if name in client_headers:
-                    headers[name] = client_headers[name]
+                if name in client.headers:
+                    headers[name] = client.headers[name]
         stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
         timeout = min(deployment.timeout or self.config.router.timeout, remaining)
         started, t0 = now_utc(), time.perf_counter()
@@ -160,15 +189,17 @@ class Upstream:
                     call.body,
                     timeout,
                     min(first_byte or timeout, remaining),
+                    redactor,
                 )
                 attempt.status_code = 200
                 return Answer(deployment, stream=opened)
             result, raw = await self._call(
-                provider, endpoint, deployment, call.url, headers, call.body, timeout
+                provider, endpoint, deployment, call.url, headers, call.body, timeout, redactor
             )
             attempt.status_code = 200
             return Answer(deployment, body=result, raw=raw if provider.verbatim else None)
         except ProxyError as e:
+            redactor.error(e)  # aiohttp's texts may hold a URL with credentials
             attempt.status_code, attempt.error_type = e.status, e.code or e.kind
             raise
         finally:
@@ -183,14 +214,15 @@ class Upstream:
         headers: dict[str, str],
         data: bytes,
         timeout: float,
+        redactor: Redactor,
     ) -> tuple[dict[str, Any], bytes]:
-        """The parsed answer and the bytes it was parsed from."""
+        """The parsed answer and the (redacted) bytes it was parsed from."""
         assert self.session is not None
         try:
             async with self.session.post(
                 url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as resp:
-                raw = await resp.read()
+                raw = redactor.bytes(await resp.read())
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
                 return provider.parse(endpoint, raw, deployment), raw
@@ -210,6 +242,7 @@ class Upstream:
         data: bytes,
         timeout: float,
         first_byte: float,
+        redactor: Redactor,
     ) -> OpenStream:
         """Open the upstream stream and wait for its first chunk: failing before that point
         is still invisible to the client (the ladder moves on)."""
@@ -219,8 +252,10 @@ class Upstream:
             async with asyncio.timeout(first_byte):  # one deadline, keep-alive comments or not
                 resp = await self.session.post(url, data=data, headers=headers)
                 if resp.status >= 400:
-                    raise self._upstream_error(provider, resp, await resp.read())
+                    raise self._upstream_error(provider, resp, redactor.bytes(await resp.read()))
                 translator = provider.stream(endpoint, deployment)
+                if redactor:
+                    translator = RedactedStream(translator, redactor)
                 first: list[dict[str, Any]] = []
                 while not first:
                     data_in = await resp.content.readany()
@@ -238,7 +273,7 @@ class Upstream:
                         break
                     first = translator.feed(data_in)
             read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
-            return OpenStream(resp, translator, first, read_timeout or timeout)
+            return OpenStream(resp, translator, first, read_timeout or timeout, redactor)
         except BaseException as e:
             if resp is not None:
                 resp.close()

@@ -63,6 +63,7 @@ async def pipe_stream(
             )  # fmt: skip
         yield DONE
     except ProxyError as e:
+        opened.redactor.error(e)
         exchange.error_type, exchange.status_code = e.code or e.type, e.status
         yield encode_error(e.message, etype=e.type, code=e.code)
     except TimeoutError:
@@ -70,7 +71,8 @@ async def pipe_stream(
         yield encode_error(f"{label} stalled mid-stream", code="upstream_stream_stalled")
     except aiohttp.ClientError as e:
         exchange.error_type, exchange.status_code = "upstream_stream_broken", 502
-        yield encode_error(f"{label} broke the stream: {e}", code="upstream_stream_broken")
+        message = opened.redactor.text(f"{label} broke the stream: {e}")  # may hold a URL
+        yield encode_error(message, code="upstream_stream_broken")
     except (GeneratorExit, asyncio.CancelledError):
         exchange.error_type = "client_disconnected"
         raise

@@ -62,13 +62,14 @@ def test_client_key_never_reaches_a_backend_it_was_not_meant_for(routed, backend
 def test_client_key_goes_to_the_host_it_addressed_when_the_deployment_has_none(
     start_proxy, backend
 ):
+    """The app addressed the backend itself (same scheme, host and port): its key goes there."""
     proxy = start_proxy(
         {
             "model_list": [deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1")],
             "general_settings": {"intercept_hosts": ["api.openai.com", "127.0.0.1"]},
         }
     )
-    with proxy.client(api_key="sk-client-own") as client:
+    with proxy.client(api_key="sk-client-own", base_url=f"{backend.url}/v1") as client:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert backend.state.headers[-1]["authorization"] == "Bearer sk-client-own"
 

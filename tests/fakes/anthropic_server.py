@@ -30,6 +30,8 @@ Scripted behaviours, chosen by the text of the last user turn (case-insensitive)
     "slow"           a 200 ms pause before each content delta (one pause when not streaming)
     "break"          stream: a little text, then an `error` event (overloaded_error), then EOF
     "cut"            stream: a little text, then EOF without message_delta / message_stop
+    "leak key"       echoes the key it received, like a careless gateway: a 401 "invalid
+                     x-api-key: <key>"; streamed, a little text then an `error` event naming it
     tool results     (a last user turn with tool_result blocks) "Got the tool result: ..."
     anything else    "Hello from fake Claude! You said: <text>"
 
@@ -116,10 +118,15 @@ class Received:
 # --- validation -------------------------------------------------------------------------------
 
 
+def key_of(headers: Any) -> str:
+    """The key a request carries (`x-api-key` or `Authorization: Bearer`), or ""."""
+    auth = headers.get("authorization", "")
+    return headers.get("x-api-key") or (auth[7:] if auth.lower().startswith("bearer ") else "")
+
+
 def check_headers(headers: Any, api_key: str | None) -> str:
     """The API version asked for; raises Reject on a missing/bad key or version."""
-    auth = headers.get("authorization", "")
-    key = headers.get("x-api-key") or (auth[7:] if auth.lower().startswith("bearer ") else "")
+    key = key_of(headers)
     if not key:
         raise Reject(401, "x-api-key header is required")
     if api_key is not None and key != api_key:
@@ -317,9 +324,11 @@ class Plan:
     slow: bool = False
     brk: bool = False
     cut: bool = False
+    leak: str = ""
+    """The key to name in a mid-stream error event ("leak key")."""
 
 
-def plan(body: dict[str, Any], id_prefix: str = "toolu_fake") -> Plan:
+def plan(body: dict[str, Any], id_prefix: str = "toolu_fake", key: str = "") -> Plan:
     """The scripted answer to a valid request (raises Reject for the failure triggers)."""
     text, results = last_user_text(body["messages"])
     low = text.lower()
@@ -328,7 +337,10 @@ def plan(body: dict[str, Any], id_prefix: str = "toolu_fake") -> Plan:
         raise Reject(status, "Overloaded" if status == 529 else f"scripted failure {status}")
     if "too long" in low:
         raise Reject(400, "prompt is too long: 250000 tokens > 200000 maximum")
-    p = Plan(slow="slow" in low, brk="break" in low, cut="cut" in low)
+    leak = key if "leak key" in low else ""
+    if leak and not body.get("stream"):
+        raise Reject(401, f"invalid x-api-key: {key}")
+    p = Plan(slow="slow" in low, brk="break" in low, cut="cut" in low, leak=leak)
     if "think" in low:
         p.content.append({"type": "thinking", "thinking": "Let me think step by step.",
                           "signature": "fake-signature"})  # fmt: skip
@@ -433,11 +445,12 @@ def stream_events(message: dict[str, Any], p: Plan) -> list[bytes]:
     events = [_sse("message_start", {"message": start}), _sse("ping", {})]
     for index, block in enumerate(message["content"]):
         events += _block_events(index, block)
-    if p.brk or p.cut:
+    if p.brk or p.cut or p.leak:
         events = events[:5]
-        if p.brk:
+        if p.brk or p.leak:
+            message = f"Overloaded (key {p.leak})" if p.leak else "Overloaded"
             events.append(_sse("error", {"error": {"type": "overloaded_error",
-                                                   "message": "Overloaded"}}))  # fmt: skip
+                                                   "message": message}}))  # fmt: skip
         return events
     delta = {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]}
     events.append(_sse("message_delta", {"delta": delta, "usage": usage}))
@@ -494,7 +507,7 @@ class FakeAnthropic:
             if isinstance(body, str):
                 raise Reject(400, "There was an issue with your request body: invalid JSON")
             check_body(body, version)
-            p = plan(body, f"toolu_fake{n}")
+            p = plan(body, f"toolu_fake{n}", key_of(request.headers))
         except Reject as e:
             rec.status = e.status
             headers = {"request-id": rid, **({"retry-after": "1"} if e.status == 429 else {})}

@@ -13,6 +13,10 @@ Behaviour is chosen by the model name the proxy sends, so one fake serves every 
   break               streams two chunks, then drops the connection
   no-usage            answers without usage (streamed and not)
   flaky-<n>           fails with 503 for the first <n> requests, then answers
+  leaky-<status>      answers <status> naming the key it received, as OpenAI does
+                      ("Incorrect API key provided: Bearer sk-...")
+  leaky-echo          answers "echo: <the key it received>" (streamed and not)
+  leaky-break         streams two chunks, pauses, then an error event naming the key it received
 
 Token counts are deterministic: prompt_tokens = words in all messages, completion_tokens =
 words in the answer. `GET /_stats` returns {"requests": [...bodies...], "usage": totals}.
@@ -67,8 +71,20 @@ class Behaviour:
         }
 
 
+def _key_of(request: web.Request) -> str:
+    """The credential a request carries, as a careless backend would quote it."""
+    return request.headers.get("authorization") or request.headers.get("api-key") or "(none)"
+
+
 async def _fault(model: str, state: Behaviour, request: web.Request) -> web.StreamResponse | None:
     """The error answer a model name asks for, or None to answer normally."""
+    if model.startswith("leaky-") and model[6:].isdigit():
+        status = int(model[6:])
+        message = f"Incorrect API key provided: {_key_of(request)}"
+        return web.json_response(
+            {"error": {"message": message, "type": "invalid_request_error", "code": None}},
+            status=status,
+        )
     if model.startswith("fail-"):
         status = int(model.split("-", 1)[1])
         return web.json_response(
@@ -158,6 +174,8 @@ def make_app(state: Behaviour) -> web.Application:
         if (fault := await _fault(model, state, request)) is not None:
             return fault
         words, prompt_tokens = _answer_words(body)
+        if model == "leaky-echo":
+            words = ["echo:", _key_of(request).removeprefix("Bearer ")]
         is_chat = request.path.endswith("chat/completions")
         cid = f"chatcmpl-{uuid.uuid4().hex[:12]}"
         created = int(time.time())
@@ -220,6 +238,12 @@ def make_app(state: Behaviour) -> web.Application:
             if model == "break" and i == 1:
                 assert request.transport is not None
                 request.transport.abort()
+                return resp
+            if model == "leaky-break" and i == 1:
+                await asyncio.sleep(0.2)  # the chunks so far reach the client first
+                error = {"message": f"stream failed for key {_key_of(request)}", "code": None}
+                await resp.write(b"data: " + json.dumps({"error": error}).encode() + b"\n\n")
+                await resp.write_eof()
                 return resp
         await send([piece("", "stop")])
         include_usage = (body.get("stream_options") or {}).get("include_usage")
