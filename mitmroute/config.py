@@ -114,6 +114,7 @@ KNOWN_GENERAL_SETTINGS = {
     "spend_alerts",
     "price_file",
     "request_timeout",
+    "allow_requests_on_db_unavailable",
 }
 KNOWN_LITELLM_SETTINGS = {
     "cache",
@@ -243,6 +244,9 @@ class GeneralSettings:
     spend_alerts: tuple[dict[str, Any], ...] = ()
     price_file: str | None = None
     database_url: str | None = None
+    allow_requests_on_db_unavailable: bool = False
+    """Redis (the shared key cache and counters) down: serve virtual keys from the keys file
+    with in-process limits instead of answering 503 `auth_unavailable`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,6 +557,11 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
         spend_alerts=tuple(alerts),
         price_file=g.get("price_file"),
         database_url=g.get("database_url"),
+        allow_requests_on_db_unavailable=_bool(
+            g.get("allow_requests_on_db_unavailable"),
+            f"{path}.allow_requests_on_db_unavailable",
+            False,
+        ),
     )
 
 

@@ -84,7 +84,7 @@ def refused_exchange(request: ClientRequest, error: ProxyError) -> Exchange | No
         return None
     exchange = new_exchange(request, endpoint)
     exchange.status_code, exchange.error_type = error.status, error.code or error.type
-    with contextlib.suppress(ValueError, AttributeError):
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):
         body = json.loads(request.body)
         exchange.requested_model = str(body.get("model")) if body.get("model") else None
         exchange.stream = body.get("stream") is True

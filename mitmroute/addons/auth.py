@@ -13,6 +13,7 @@ the exchange finishes if that comes later (a stream). Without a master key the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -25,7 +26,7 @@ from mitmproxy import http
 
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
-from mitmroute.auth import AuthBackend, location, open_backend
+from mitmroute.auth import AuthBackend, RedisDown, location, open_backend
 from mitmroute.auth.key_api import Caller, KeyAdmin, handle, key_route
 from mitmroute.auth.keys import KeyRecord, abbreviate
 from mitmroute.auth.limits import (
@@ -37,7 +38,7 @@ from mitmroute.auth.limits import (
     usd_to_nanos,
 )
 from mitmroute.config import RouterConfig
-from mitmroute.errors import ProxyError
+from mitmroute.errors import ProxyError, bad_request
 from mitmroute.exchange import Exchange
 from mitmroute.request import (
     ROUTED_ENDPOINTS,
@@ -61,6 +62,11 @@ def invalid_key(message: str) -> ProxyError:
 def unavailable() -> ProxyError:
     return ProxyError(503, "The proxy's key store is unavailable", "server_error",
                       code="auth_unavailable")  # fmt: skip
+
+
+def too_deep() -> ProxyError:
+    message = "The request body is not valid JSON: it is nested too deeply."
+    return bad_request(message, code="json_too_deep")
 
 
 def no_master_key() -> ProxyError:
@@ -136,11 +142,19 @@ class KeyAuth:
                 log.info("auth: master key set; virtual keys in %s", backend.where)
             except Exception as e:  # fail closed: keyed requests are answered 503
                 log.error("auth: cannot open the key store: %s", e)
+        if backend is not None:
+            backend.set_policy(config.general)
+            with contextlib.suppress(RuntimeError):  # no loop yet: `running` starts it
+                backend.start()
         self.state = _State(
             config, hash_key(master) if master else None, backend,
             KeyAdmin(backend.store, backend.limiter, config.general) if backend else None,
             CostEstimator(config) if backend else None,
         )  # fmt: skip
+
+    def running(self) -> None:
+        if self.state is not None and self.state.backend is not None:
+            self.state.backend.start()
 
     async def done(self) -> None:
         if self._tasks:
@@ -167,6 +181,9 @@ class KeyAuth:
             log.info("auth: %d %s %s %s", e.status, e.code, flow.request.method,
                      flow.request.path.split("?", 1)[0])  # fmt: skip
             self._reply(flow, e)
+        except RedisDown as e:  # fail closed; the link logs the outage once
+            log.debug("auth: %s", e)
+            self._reply(flow, unavailable())
         except Exception as e:  # fail closed
             log.warning("auth: key store failed: %s: %s", type(e).__name__, e)
             self._reply(flow, unavailable())
@@ -231,7 +248,9 @@ class KeyAuth:
             try:
                 body = json.loads(raw)
             except ValueError:
-                return
+                return  # the Router answers it 400
+            except RecursionError:
+                raise too_deep() from None
             model = body.get("model") if isinstance(body, dict) else None
             if not isinstance(model, str) or not model:
                 return
