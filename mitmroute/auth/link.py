@@ -94,10 +94,10 @@ class RedisLink:
         """`await op()` within the time budget; :class:`RedisDown` on any failure.
 
         A call still waiting when its budget is spent fails, and opens the breaker, only if
-        Redis is not answering: no other call answered since it started and a PING on a
-        connection of its own gets no answer within another `timeout` either. Otherwise the
-        call is only queued behind others on a busy proxy (or a cold pool): it may then wait
-        up to `probe_timeout` in all.
+        Redis is not answering: no other call answered in the last budget and a PING on a
+        connection of its own gets no answer within another budget either. Otherwise the call
+        is only queued behind others on a busy proxy (or a cold pool): it goes on waiting, one
+        budget at a time while Redis keeps answering, up to `probe_timeout` in all.
         """
         self.start()
         if self.breaker.is_open:
@@ -123,18 +123,23 @@ class RedisLink:
         return result
 
     async def _finish(self, task: asyncio.Future[Any], started: float, budget: float) -> bool:
-        """Give a late call the rest of `probe_timeout` if Redis is alive; done in time?"""
-        for _ in range(3):  # a reply already read lets the task finish at once
-            await asyncio.sleep(0)
+        """Let a late call go on, one budget at a time, while Redis shows it is alive; done
+        before `probe_timeout`?"""
+        deadline = started + max(budget, self.probe_timeout)
+        while True:
+            for _ in range(3):  # a reply already read lets the task finish at once
+                await asyncio.sleep(0)
+                if task.done():
+                    return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            answering = now - self._answered_at < budget or self._answered_at == 0.0
+            if not answering and not await self._alive():
+                return False
+            await asyncio.wait({task}, timeout=max(0.0, min(budget, deadline - now)))
             if task.done():
                 return True
-        alive = self._answered_at > started or self._answered_at == 0.0 or await self._alive()
-        if not alive:
-            return False
-        left = started + max(budget, self.probe_timeout) - time.monotonic()
-        if left > 0:
-            await asyncio.wait({task}, timeout=left)
-        return task.done()
 
     async def _alive(self) -> bool:
         """Does Redis answer a PING within `timeout`? (One PING at a time, shared.)"""
