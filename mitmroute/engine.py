@@ -213,6 +213,9 @@ class Engine:
             body = json.loads(raw) if raw else None
         except ValueError as e:
             raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
+        except RecursionError:
+            message = "The request body is not valid JSON: it is nested too deeply."
+            raise errors.bad_request(message, code="json_too_deep") from None
         if not isinstance(body, dict):
             raise errors.bad_request("The request body must be a JSON object.")
         model = body.get("model")

@@ -21,6 +21,7 @@ class RedisProcess:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.paused = False
+        self._hole: list[socket.socket] = []
         self.start()
 
     @property
@@ -66,5 +67,19 @@ class RedisProcess:
             self.proc.send_signal(signal.SIGCONT)
             self.paused = False
 
+    def unreachable(self) -> None:
+        """Like a host that drops packets: connecting hangs until the client's timeout (its
+        port is held by a listener whose one-slot backlog is already full)."""
+        self.kill()
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(self.address)
+        listener.listen(0)
+        filler = socket.create_connection(self.address)
+        self._hole = [listener, filler]
+
     def stop(self) -> None:
+        for s in self._hole:
+            s.close()
+        self._hole = []
         self.kill()

@@ -28,7 +28,7 @@ from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth import AuthBackend, RedisDown, location, open_backend
 from mitmroute.auth.key_api import Caller, KeyAdmin, handle, key_route
-from mitmroute.auth.keys import KeyRecord, abbreviate
+from mitmroute.auth.keys import KeyRecord, abbreviate, keys_db_path
 from mitmroute.auth.limits import (
     CostEstimator,
     Policy,
@@ -129,16 +129,19 @@ class KeyAuth:
     def configured(self, config: RouterConfig) -> None:
         old, master = self.state, config.general.master_key
         backend = old.backend if old is not None else None
+        keys_file = None
         if (
             old is not None
             and backend is not None
             and (master is None or location(old.config) != location(config))
         ):
+            if master is not None:  # the keys file goes on to the next backend
+                keys_file = backend.release_db(keys_db_path(config.general.spend_db))
             self._spawn(backend.close())
             backend = None
         if master is not None and backend is None:
             try:
-                backend = open_backend(config)
+                backend = open_backend(config, keys_file)
                 log.info("auth: master key set; virtual keys in %s", backend.where)
             except Exception as e:  # fail closed: keyed requests are answered 503
                 log.error("auth: cannot open the key store: %s", e)

@@ -89,6 +89,8 @@ class AuthBackend:
     closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     general: GeneralSettings = field(default_factory=GeneralSettings)
     link: RedisLink | None = None
+    db: KeysDB | None = None
+    """The keys file (one process may hold it: a reload hands it on with `release_db`)."""
 
     def start(self) -> None:
         """Start watching Redis and push this proxy's state into it (needs a running loop;
@@ -104,6 +106,13 @@ class AuthBackend:
             if hasattr(part, "serve_local_when_down"):
                 part.serve_local_when_down = general.allow_requests_on_db_unavailable
 
+    def release_db(self, path: str | None) -> KeysDB | None:
+        """Hand the keys file at `path` to the next backend (this one stops owning it)."""
+        db = self.db if self.db is not None and self.db.path == path else None
+        if db is not None:
+            self.db = None
+        return db
+
     async def close(self) -> None:
         await self.store.close()
         await self.limiter.close()
@@ -111,19 +120,21 @@ class AuthBackend:
             result = close()
             if result is not None:
                 await result
+        if self.db is not None:
+            self.db.close()
 
 
-def open_backend(config: RouterConfig) -> AuthBackend:
-    """Open the store and limiter `config` asks for (blocking: reads the keys file)."""
+def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
+    """Open the store and limiter `config` asks for (blocking: reads the keys file), on `db`
+    when given (a reload's, from `release_db`)."""
     ttl = config.router.timeout + 60.0
     path = keys_db_path(config.general.spend_db)
-    db = KeysDB(path) if path else None
-    closers: list[Callable[[], Awaitable[None] | None]] = [db.close] if db else []
+    if db is None and path:
+        db = KeysDB(path)
     target = redis_target(config)
     if target is None:
-        return AuthBackend(
-            MemoryKeyStore(db), MemoryLimiter(db, reservation_ttl=ttl), path or ":memory:", closers
-        )
+        limiter = MemoryLimiter(db, reservation_ttl=ttl)
+        return AuthBackend(MemoryKeyStore(db), limiter, path or ":memory:", db=db)
     client = redis_client(target)
     namespace = config.cache.namespace
     link = RedisLink(client, namespace, label=target.label)
@@ -137,8 +148,8 @@ def open_backend(config: RouterConfig) -> AuthBackend:
         ledger=ledger,
         ledger_id=db.ledger_id() if db else None,
     )
-    closers = [link.close, client.aclose, *([ledger.close] if ledger else []), *closers]
-    backend = AuthBackend(store, limiter, target.label, closers, link=link)
+    closers = [link.close, client.aclose, *([ledger.close] if ledger else [])]
+    backend = AuthBackend(store, limiter, target.label, closers, link=link, db=db)
     backend.set_policy(config.general)
 
     async def resync() -> None:

@@ -13,8 +13,13 @@ from decimal import Decimal
 
 import duckdb
 import pytest
+from mitmproxy.test import tflow
 
+from mitmroute.addons.auth import KeyAuth
+from mitmroute.addons.router import IDENTITY_KEY
+from mitmroute.addons.shared import Shared
 from mitmroute.auth import open_backend
+from mitmroute.auth.key_api import Caller, handle
 from mitmroute.auth.keys import KeysDB, MemoryKeyStore, RedisKeyStore, make_record, new_key
 from mitmroute.auth.ledger import Ledger
 from mitmroute.auth.limits import NANOS, Policy, RedisLimiter, usd_to_nanos
@@ -374,3 +379,25 @@ async def test_the_backend_keeps_keys_on_disk_and_follows_the_policy(tmp_path, o
         assert [r.token for r in db.load_keys()] == [made.token]
     finally:
         db.close()
+
+
+async def test_a_reload_that_moves_limits_to_redis_keeps_the_keys(tmp_path, own_redis):
+    shared = Shared()
+    auth = KeyAuth(shared)
+    spend_db = str(tmp_path / "spend.duckdb")
+    general = {"master_key": "sk-m", "spend_db": spend_db}
+    shared.publish_config(parse_config({"general_settings": general}))
+    status, made = await handle(auth.state.admin, "POST", "/key/generate", b"{}", Caller(True))
+    assert status == 200
+
+    cache = {"type": "redis", "url": own_redis.url}
+    shared.publish_config(
+        parse_config({"general_settings": general, "litellm_settings": {"cache_params": cache}})
+    )
+    request = tflow.tflow().request
+    request.host, request.path = "api.openai.com", "/v1/models"
+    request.headers["authorization"] = f"Bearer {made['key']}"
+    flow = tflow.tflow(req=request)
+    await auth.request(flow)
+    assert flow.response is None and IDENTITY_KEY in flow.metadata
+    await auth.done()
