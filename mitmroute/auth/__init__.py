@@ -6,8 +6,8 @@ always the DuckDB keys file beside the spend log, and spend is always in the spe
 Redis holds the counters every proxy on it shares and a cache of the keys, rebuilt from the
 stores when it loses data (:mod:`mitmroute.auth.link`); else limits live in this process.
 
-**Redis down.** A key decision then takes at most about 100 ms (two 50 ms command budgets, no
-redis-py retry loop), and none once the breaker is open. What follows is
+**Redis down.** A key decision then takes at most about 100 ms (a 40 ms command budget and a
+40 ms PING, no redis-py retry loop), and nothing once the breaker is open. What follows is
 ``general_settings.allow_requests_on_db_unavailable`` (LiteLLM's name): ``false`` (default)
 answers virtual-key requests 503 ``auth_unavailable``; ``true`` serves them with keys from the
 keys file and limits counted in this process (rpm/tpm of this proxy only; spend = this proxy's

@@ -21,7 +21,9 @@ below ``tpm_limit``; tokens (``usage.total_tokens``) are added when the exchange
 **Backends.** :class:`MemoryLimiter` keeps dicts on the event loop (single-threaded, so check and
 reserve are one step) and persists spend to the keys DuckDB file a second after it changes and
 at shutdown. :class:`RedisLimiter` admits with one Lua script and settles with another, so any
-number of proxies on one Redis enforce one limit.
+number of proxies on one Redis enforce one limit; each proxy's share of a key's spend comes
+from its spend log, so Redis losing its data loses no spend, and a Redis outage drops no
+settlement (see the class).
 """
 
 from __future__ import annotations
@@ -460,7 +462,7 @@ class RedisLimiter:
         self._others: dict[str, tuple[int, int]] = {}
         """token -> (window, nano-dollars): the other shares, as last seen in Redis."""
         self._policies: dict[str, Policy] = {}
-        self._loading: dict[tuple[str, int], asyncio.Task[int]] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[dict[str, int]]] = {}
         self._local = MemoryLimiter(reservation_ttl=reservation_ttl, clock=clock)
         self._queue: deque[_Queued] = deque()
         self.queue_limit = queue_limit

@@ -1,7 +1,7 @@
 """The auth path's connection to Redis: fast failure, a circuit breaker, and data-loss repair.
 
-Every command runs under `timeout` (50 ms) with no redis-py retry loop. A dead Redis (refused)
-fails a call at once; a hung one after the budget plus a 50 ms PING on a dedicated connection
+Every command runs under `timeout` (40 ms) with no redis-py retry loop. A dead Redis (refused)
+fails a call at once; a hung one after the budget plus a 40 ms PING on a dedicated connection
 (:meth:`RedisLink.call`), so a key decision waits at most about 100 ms. Then the breaker opens:
 calls raise :class:`RedisDown` at once, without touching the network, and a watcher PINGs Redis
 every `interval` seconds. When Redis answers again the breaker closes and this proxy's state is
@@ -31,7 +31,7 @@ log = logging.getLogger("mitmroute.auth")
 
 T = TypeVar("T")
 
-TIMEOUT = 0.05
+TIMEOUT = 0.04
 """Per command on the request path."""
 THRESHOLD = 1
 """A call that fails while Redis answers no PING either is enough to go local."""
@@ -134,7 +134,8 @@ class RedisLink:
             now = time.monotonic()
             if now >= deadline:
                 return False
-            answering = now - self._answered_at < budget or self._answered_at == 0.0
+            last = self._answered_at
+            answering = last == 0.0 or (last > started and now - last < budget)
             if not answering and not await self._alive():
                 return False
             await asyncio.wait({task}, timeout=max(0.0, min(budget, deadline - now)))
@@ -150,21 +151,26 @@ class RedisLink:
         return ping.done() and ping.result()
 
     async def _ping_once(self) -> bool:
-        """PING on a connection of its own, so a busy pool does not delay the answer."""
-        try:
-            if self._conn is None:
-                self._conn = self.client.connection_pool.make_connection()
-            await self._conn.send_command("PING")
-            await self._conn.read_response()
-        except Exception as e:
-            log.debug("auth: redis ping failed (%s)", type(e).__name__)
-            conn, self._conn = self._conn, None
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    await conn.disconnect()
-            return False
-        self._answered_at = time.monotonic()
-        return True
+        """PING on a connection of its own, so a busy pool does not delay the answer (a
+        connection that a Redis restart broke is replaced once)."""
+        for fresh in (self._conn is None, True):
+            try:
+                if self._conn is None:
+                    self._conn = self.client.connection_pool.make_connection()
+                await self._conn.send_command("PING")
+                await self._conn.read_response()
+            except Exception as e:
+                log.debug("auth: redis ping failed (%s)", type(e).__name__)
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.disconnect()
+                if fresh or isinstance(e, TimeoutError):
+                    return False
+                continue
+            self._answered_at = time.monotonic()
+            return True
+        return False
 
     def _failed(self, exc: BaseException) -> None:
         if not self.breaker.failure():
