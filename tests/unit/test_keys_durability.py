@@ -24,7 +24,7 @@ from mitmroute.auth.keys import KeysDB, MemoryKeyStore, RedisKeyStore, make_reco
 from mitmroute.auth.ledger import Ledger
 from mitmroute.auth.limits import NANOS, Policy, RedisLimiter, usd_to_nanos
 from mitmroute.auth.link import RedisDown, RedisLink
-from mitmroute.config import parse_config
+from mitmroute.config import ConfigError, parse_config
 from mitmroute.exchange import Exchange
 from mitmroute.redis_client import connect
 from mitmroute.spend import SpendLog
@@ -348,6 +348,15 @@ async def test_allowed_requests_while_redis_is_down_use_limits_in_this_process(l
 
 
 # --- the backend as the proxy opens it -------------------------------------------------------
+
+
+def test_allow_requests_on_db_unavailable_is_a_checked_boolean_off_by_default(caplog):
+    assert not parse_config({}).general.allow_requests_on_db_unavailable
+    on = parse_config({"general_settings": {"allow_requests_on_db_unavailable": "true"}})
+    assert on.general.allow_requests_on_db_unavailable
+    assert "unknown key" not in caplog.text
+    with pytest.raises(ConfigError, match=r"general_settings\.allow_requests_on_db_unavailable"):
+        parse_config({"general_settings": {"allow_requests_on_db_unavailable": "maybe"}})
 
 
 def _config(tmp_path, redis_url: str, **general) -> object:
