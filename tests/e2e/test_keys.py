@@ -298,7 +298,8 @@ def redis_namespace():
     client.close()
 
 
-def test_two_proxies_on_one_redis_enforce_one_limit(start_proxy, backend, redis_namespace):
+def test_two_proxies_on_one_redis_enforce_one_limit(redis_namespace, start_proxy, backend):
+    # redis_namespace first: it is cleaned after the proxies stop (they write to it until then)
     cfg = config(backend.url)
     cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
                                                 "namespace": redis_namespace}}  # fmt: skip
