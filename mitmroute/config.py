@@ -116,6 +116,7 @@ KNOWN_GENERAL_SETTINGS = {
     "spend_alerts",
     "price_file",
     "request_timeout",
+    "allow_requests_on_db_unavailable",
 }
 KNOWN_LITELLM_SETTINGS = {
     "cache",
@@ -257,6 +258,9 @@ class GeneralSettings:
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_size_mb * 1024 * 1024)
+    allow_requests_on_db_unavailable: bool = False
+    """Redis (the shared key cache and counters) down: serve virtual keys from the keys file
+    with in-process limits instead of answering 503 `auth_unavailable`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -569,6 +573,11 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
         database_url=g.get("database_url"),
         max_request_size_mb=_max_request_size(g.get("max_request_size_mb"), path),
         passthrough_paths=tuple(_passthrough_paths(g.get("passthrough_paths"), path)),
+        allow_requests_on_db_unavailable=_bool(
+            g.get("allow_requests_on_db_unavailable"),
+            f"{path}.allow_requests_on_db_unavailable",
+            False,
+        ),
     )
 
 

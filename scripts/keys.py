@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Manage virtual keys without a running proxy (same store and rules as the /key/* API).
 
-Keys live where the proxy keeps them: Redis when the config names one (then this works while
-proxies run), else the DuckDB keys file beside the spend log (only while no proxy holds it;
-with a proxy running, use its /key/* API). Every command prints JSON.
+Keys live in the DuckDB keys file beside the spend log (and, when the config names a Redis, in
+its shared cache too). A running proxy holds that file: while it runs, use its /key/* API.
+Every command prints JSON.
 
     python scripts/keys.py [--config config.yaml] generate [--alias A] [--team T]
         [--models gpt-4o,gpt-4o-mini] [--max-budget 50] [--budget-duration 30d]

@@ -13,6 +13,7 @@ the exchange finishes if that comes later (a stream). Without a master key the p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -23,13 +24,14 @@ from typing import Any
 
 from mitmproxy import http
 
-from mitmroute.addons.flows import RECORDED_KEY
+from mitmroute.addons import flows
+from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
-from mitmroute.auth import AuthBackend, location, open_backend
+from mitmroute.auth import AuthBackend, RedisDown, location, open_backend
 from mitmroute.auth.key_api import Caller, KeyAdmin, handle, key_route
-from mitmroute.auth.keys import KeyRecord, abbreviate
+from mitmroute.auth.keys import KeyRecord, abbreviate, keys_db_path
 from mitmroute.auth.limits import (
     CostEstimator,
     Policy,
@@ -39,15 +41,13 @@ from mitmroute.auth.limits import (
     usd_to_nanos,
 )
 from mitmroute.config import RouterConfig
-from mitmroute.errors import ProxyError
+from mitmroute.errors import ProxyError, bad_request
 from mitmroute.exchange import Exchange
 from mitmroute.request import (
     ROUTED_ENDPOINTS,
-    ClientRequest,
     bearer,
     endpoint_of,
     hash_key,
-    refused_exchange,
 )
 
 log = logging.getLogger("mitmroute.auth")
@@ -63,6 +63,11 @@ def invalid_key(message: str) -> ProxyError:
 def unavailable() -> ProxyError:
     return ProxyError(503, "The proxy's key store is unavailable", "server_error",
                       code="auth_unavailable")  # fmt: skip
+
+
+def too_deep() -> ProxyError:
+    message = "The request body is not valid JSON: it is nested too deeply."
+    return bad_request(message, code="json_too_deep")
 
 
 def no_master_key() -> ProxyError:
@@ -126,24 +131,35 @@ class KeyAuth:
     def configured(self, config: RouterConfig) -> None:
         old, master = self.state, config.general.master_key
         backend = old.backend if old is not None else None
+        keys_file = None
         if (
             old is not None
             and backend is not None
             and (master is None or location(old.config) != location(config))
         ):
+            if master is not None:  # the keys file goes on to the next backend
+                keys_file = backend.release_db(keys_db_path(config.general.spend_db))
             self._spawn(backend.close())
             backend = None
         if master is not None and backend is None:
             try:
-                backend = open_backend(config)
+                backend = open_backend(config, keys_file)
                 log.info("auth: master key set; virtual keys in %s", backend.where)
             except Exception as e:  # fail closed: keyed requests are answered 503
                 log.error("auth: cannot open the key store: %s", e)
+        if backend is not None:
+            backend.set_policy(config.general)
+            with contextlib.suppress(RuntimeError):  # no loop yet: `running` starts it
+                backend.start()
         self.state = _State(
             config, hash_key(master) if master else None, backend,
             KeyAdmin(backend.store, backend.limiter, config.general) if backend else None,
             CostEstimator(config) if backend else None,
         )  # fmt: skip
+
+    def running(self) -> None:
+        if self.state is not None and self.state.backend is not None:
+            self.state.backend.start()
 
     async def done(self) -> None:
         if self._tasks:
@@ -157,8 +173,8 @@ class KeyAuth:
         if flow.response or flow.error or not flow.live:
             return
         state = self.state
-        if state is None or flow.request.host.lower() not in state.config.general.intercept_hosts:
-            return
+        if state is None or GATE_KEY not in flow.metadata:
+            return  # not an intercepted host (the Gate decides that, for every addon)
         route = key_route(flow.request.path)
         if state.master_hash is None:
             if route is not None:
@@ -170,14 +186,16 @@ class KeyAuth:
             log.info("auth: %d %s %s %s", e.status, e.code, flow.request.method,
                      flow.request.path.split("?", 1)[0])  # fmt: skip
             self._reply(flow, e)
+        except RedisDown as e:  # fail closed; the link logs the outage once
+            log.debug("auth: %s", e)
+            self._reply(flow, unavailable())
         except Exception as e:  # fail closed
             log.warning("auth: key store failed: %s: %s", type(e).__name__, e)
             self._reply(flow, unavailable())
         finally:
             if flow.response is None and IDENTITY_KEY not in flow.metadata and route is None:
                 # neither answered nor authenticated: never let it go on unauthenticated
-                error = unavailable()
-                flow.response = http.Response.make(error.status, error.to_bytes(), JSON)
+                self._reply(flow, unavailable())
 
     async def _authenticate(self, flow: http.HTTPFlow, state: _State, route: str | None) -> None:
         assert state.master_hash is not None
@@ -234,7 +252,9 @@ class KeyAuth:
             try:
                 body = json.loads(raw)
             except ValueError:
-                return
+                return  # the Router answers it 400
+            except RecursionError:
+                raise too_deep() from None
             model = body.get("model") if isinstance(body, dict) else None
             if not isinstance(model, str) or not model:
                 return
@@ -251,19 +271,7 @@ class KeyAuth:
         flow.metadata[RESERVATION_KEY] = verdict.reservation
 
     def _reply(self, flow: http.HTTPFlow, error: ProxyError) -> None:
-        request = ClientRequest(
-            flow.request.method,
-            flow.request.path,
-            {k.lower(): v for k, v in flow.request.headers.items()},
-            flow.request.get_content(strict=False) or b"",
-            flow.metadata.get(IDENTITY_KEY, {}),
-        )
-        headers = {**JSON, **error.headers}
-        if (exchange := refused_exchange(request, error)) is not None:
-            headers["x-mitmroute-request-id"] = exchange.request_id
-            flow.metadata[RECORDED_KEY] = True
-            self.shared.publish_exchange(exchange)
-        flow.response = http.Response.make(error.status, error.to_bytes(), headers)
+        flows.refuse(flow, error, self.shared)
 
     # --- settling -------------------------------------------------------------------------
 

@@ -1,9 +1,18 @@
 """Virtual keys, budgets and rate limits.
 
-:func:`open_backend` decides where keys and limits live: in Redis when
-``litellm_settings.cache_params.type`` is ``redis`` or ``router_settings.redis_host`` /
-``redis_url`` is set (every proxy on that Redis then enforces one limit), else in this process,
-persisted to the DuckDB keys file beside the spend log.
+:func:`open_backend` decides where keys and limits live. The store of record for keys is
+always the DuckDB keys file beside the spend log, and spend is always in the spend log. With
+``litellm_settings.cache_params.type: redis`` or ``router_settings.redis_host`` / ``redis_url``,
+Redis holds the counters every proxy on it shares and a cache of the keys, rebuilt from the
+stores when it loses data (:mod:`mitmroute.auth.link`); else limits live in this process.
+
+**Redis down.** A key decision then takes at most about 100 ms (a 40 ms command budget and a
+40 ms PING, no redis-py retry loop), and nothing once the breaker is open. What follows is
+``general_settings.allow_requests_on_db_unavailable`` (LiteLLM's name): ``false`` (default)
+answers virtual-key requests 503 ``auth_unavailable``; ``true`` serves them with keys from the
+keys file and limits counted in this process (rpm/tpm of this proxy only; spend = this proxy's
+share + the others' as last seen). The key API (``/key/*``) needs Redis either way; the master
+key always works. Settlements are queued and applied when Redis is back.
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from mitmroute.auth.keys import KeysDB, KeyStore, MemoryKeyStore, RedisKeyStore, keys_db_path
-from mitmroute.auth.limits import Limiter, MemoryLimiter, RedisLimiter
-from mitmroute.config import RouterConfig
+from mitmroute.auth.ledger import Ledger
+from mitmroute.auth.limits import Limiter, MemoryLimiter, Policy, RedisLimiter
+from mitmroute.auth.link import RedisDown, RedisLink
+from mitmroute.config import GeneralSettings, RouterConfig
+from mitmroute.redis_client import connect
 
-REDIS_TIMEOUT = 1.0
+__all__ = ["AuthBackend", "RedisDown", "location", "open_backend", "redis_target"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,20 +72,11 @@ def location(config: RouterConfig) -> tuple[Any, ...]:
 
 
 def redis_client(target: RedisTarget) -> Any:
-    import redis.asyncio as aioredis
-
-    options: dict[str, Any] = {"socket_timeout": REDIS_TIMEOUT,
-                               "socket_connect_timeout": REDIS_TIMEOUT}  # fmt: skip
-    try:  # redis-py >= 6 asks servers for maintenance notifications: a wasted round trip
-        from redis.maint_notifications import MaintNotificationsConfig
-
-        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
-    except ImportError:
-        pass
-    if target.url:
-        return aioredis.Redis.from_url(target.url, **options)
-    return aioredis.Redis(host=target.host, port=target.port, password=target.password,
-                          **options)  # fmt: skip
+    """A pooled client with one immediate reconnect (a restarted Redis breaks pooled
+    connections) and no retry loop; the auth path bounds each command itself."""
+    return connect(
+        url=target.url, host=target.host, port=target.port, password=target.password, retries=1
+    )
 
 
 @dataclass(slots=True)
@@ -84,6 +87,31 @@ class AuthBackend:
     limiter: Limiter
     where: str
     closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    general: GeneralSettings = field(default_factory=GeneralSettings)
+    link: RedisLink | None = None
+    db: KeysDB | None = None
+    """The keys file (one process may hold it: a reload hands it on with `release_db`)."""
+
+    def start(self) -> None:
+        """Start watching Redis and push this proxy's state into it (needs a running loop;
+        the first request does it otherwise)."""
+        if self.link is not None:
+            self.link.start()
+
+    def set_policy(self, general: GeneralSettings) -> None:
+        """Apply `allow_requests_on_db_unavailable` and the default budget (a reload may
+        change them)."""
+        self.general = general
+        for part in (self.store, self.limiter):
+            if hasattr(part, "serve_local_when_down"):
+                part.serve_local_when_down = general.allow_requests_on_db_unavailable
+
+    def release_db(self, path: str | None) -> KeysDB | None:
+        """Hand the keys file at `path` to the next backend (this one stops owning it)."""
+        db = self.db if self.db is not None and self.db.path == path else None
+        if db is not None:
+            self.db = None
+        return db
 
     async def close(self) -> None:
         await self.store.close()
@@ -92,19 +120,43 @@ class AuthBackend:
             result = close()
             if result is not None:
                 await result
+        if self.db is not None:
+            self.db.close()
 
 
-def open_backend(config: RouterConfig) -> AuthBackend:
-    """Open the store and limiter `config` asks for (blocking: reads the keys file)."""
+def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
+    """Open the store and limiter `config` asks for (blocking: reads the keys file), on `db`
+    when given (a reload's, from `release_db`)."""
     ttl = config.router.timeout + 60.0
-    target = redis_target(config)
-    if target is not None:
-        client = redis_client(target)
-        namespace = config.cache.namespace
-        return AuthBackend(RedisKeyStore(client, namespace),
-                           RedisLimiter(client, namespace, reservation_ttl=ttl),
-                           target.label, [client.aclose])  # fmt: skip
     path = keys_db_path(config.general.spend_db)
-    db = KeysDB(path) if path else None
-    return AuthBackend(MemoryKeyStore(db), MemoryLimiter(db, reservation_ttl=ttl),
-                       path or ":memory:", [db.close] if db else [])  # fmt: skip
+    if db is None and path:
+        db = KeysDB(path)
+    target = redis_target(config)
+    if target is None:
+        limiter = MemoryLimiter(db, reservation_ttl=ttl)
+        return AuthBackend(MemoryKeyStore(db), limiter, path or ":memory:", db=db)
+    client = redis_client(target)
+    namespace = config.cache.namespace
+    link = RedisLink(client, namespace, label=target.label)
+    ledger = Ledger(config.general.spend_db) if path else None
+    store = RedisKeyStore(client, namespace, MemoryKeyStore(db), link)
+    limiter = RedisLimiter(
+        client,
+        namespace,
+        reservation_ttl=ttl,
+        link=link,
+        ledger=ledger,
+        ledger_id=db.ledger_id() if db else None,
+    )
+    closers = [link.close, client.aclose, *([ledger.close] if ledger else [])]
+    backend = AuthBackend(store, limiter, target.label, closers, link=link, db=db)
+    backend.set_policy(config.general)
+
+    async def resync() -> None:
+        await store.push_all()
+        records = await store.local.all()
+        await limiter.sync([Policy.of(r, backend.general) for r in records])
+
+    link.resync_hooks.append(resync)
+    link.tick_hooks.append(limiter.drain)
+    return backend

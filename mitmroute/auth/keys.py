@@ -7,8 +7,11 @@ hex digest, the *token*, is ever stored. Two stores share one async interface:
   (``<spend_db stem>.keys.duckdb``, a separate file so the two never contend for DuckDB's
   single-writer lock). Every write goes through one writer thread, off the event loop. DuckDB
   lets one process hold the file: ``scripts/keys.py`` edits it while the proxy is stopped.
-* :class:`RedisKeyStore`: one Redis hash shared by every proxy on that Redis, read on every
-  request (one HGET), so a key deleted through any proxy stops working everywhere at once.
+* :class:`RedisKeyStore`: the same keys file as the store of record, with one Redis hash shared
+  by every proxy on that Redis in front of it, read on every request (one round trip), so a key
+  deleted through any proxy stops working everywhere at once. Redis is a cache of the stores:
+  a key Redis lost is read from the keys file and pushed back, and every key a proxy reads from
+  Redis is kept in its own keys file too, so a Redis restarted empty loses no key.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import fnmatch
 import json
 import secrets
 import threading
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import ConfigError, parse_duration
 from mitmroute.errors import ProxyError
 from mitmroute.request import hash_key
@@ -238,6 +243,10 @@ CREATE TABLE IF NOT EXISTS key_spend (
     window_index BIGINT NOT NULL,
     spent_nanos BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+);
 """
 
 
@@ -289,6 +298,17 @@ class KeysDB:
             return
         with self._lock:
             self._conn.executemany("INSERT OR REPLACE INTO key_spend VALUES (?, ?, ?)", rows)
+
+    def ledger_id(self) -> str:
+        """A random id made once per file: names this spend log's share of a key's spend in
+        Redis, so a restarted proxy replaces its share instead of adding it again."""
+        with self._lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE name = 'ledger_id'").fetchone()
+            if row is not None:
+                return str(row[0])
+            value = uuid.uuid4().hex
+            self._conn.execute("INSERT INTO meta VALUES ('ledger_id', ?)", [value])
+            return value
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -344,11 +364,23 @@ class MemoryKeyStore:
             await self.db.run(self.db.save_key, record)
         return True
 
+    async def save(self, record: KeyRecord) -> None:
+        """Store `record` whoever held its alias here (Redis said the alias is its own)."""
+        old = self._keys.get(record.token)
+        if old is not None and old.key_alias and self._aliases.get(old.key_alias) == old.token:
+            del self._aliases[old.key_alias]
+        self._index(record)
+        if self.db is not None:
+            await self.db.run(self.db.save_key, record)
+
+    def peek(self, token: str) -> KeyRecord | None:
+        return self._keys.get(token)
+
     async def delete(self, tokens: list[str]) -> None:
         for token in tokens:
             record = self._keys.pop(token, None)
-            if record is not None and record.key_alias:
-                self._aliases.pop(record.key_alias, None)
+            if record is not None and self._aliases.get(record.key_alias or "") == token:
+                del self._aliases[record.key_alias or ""]
         if self.db is not None:
             await self.db.run(self.db.delete_keys, tokens)
 
@@ -367,50 +399,178 @@ if ARGV[4] ~= '' and ARGV[4] ~= ARGV[2] then
 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[2], ARGV[2], ARGV[1]) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
+_PUSH = """
+local deleted = {}
+for i = 1, #ARGV, 3 do
+  local token, alias = ARGV[i], ARGV[i + 2]
+  if redis.call('SISMEMBER', KEYS[3], token) == 1 then
+    table.insert(deleted, token)
+  elseif redis.call('HSETNX', KEYS[1], token, ARGV[i + 1]) == 1 and alias ~= '' then
+    redis.call('HSETNX', KEYS[2], alias, token)
+  end
+end
+return deleted
+"""
+"""Put back records Redis lacks (never over a newer one); returns tokens deleted elsewhere."""
+
+_DELETE = """
+for i = 1, #ARGV, 2 do
+  if ARGV[i + 1] ~= '' and redis.call('HGET', KEYS[2], ARGV[i + 1]) == ARGV[i] then
+    redis.call('HDEL', KEYS[2], ARGV[i + 1])
+  end
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  redis.call('SADD', KEYS[3], ARGV[i])
+end
+return 1
+"""
+
+PUSH_BATCH = 500
+
 
 class RedisKeyStore:
-    """Keys in the Redis hash `<namespace>:auth:keys`, aliases in `<namespace>:auth:aliases`."""
+    """Keys in the Redis hash `<namespace>:auth:keys` (aliases in `<namespace>:auth:aliases`,
+    deleted tokens in the set `<namespace>:auth:deleted`) in front of `local`, the store of
+    record.
 
-    def __init__(self, client: Any, namespace: str = "mitmroute") -> None:
+    Writes go to Redis first (it decides alias clashes between proxies), then to `local`; they
+    need Redis (:class:`RedisDown` when it is down). Reads ask Redis; a miss falls back to
+    `local` and puts the record back; a record read from Redis that `local` lacks or holds
+    older is saved to `local`. With Redis down, reads are answered from `local` when
+    `serve_local_when_down`, else raise :class:`RedisDown`.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        namespace: str = "mitmroute",
+        local: MemoryKeyStore | None = None,
+        link: RedisLink | None = None,
+        serve_local_when_down: bool = False,
+    ) -> None:
         self.client = client
+        self.local = local if local is not None else MemoryKeyStore()
+        self.link = link if link is not None else RedisLink(client, namespace, watch=False)
+        self.serve_local_when_down = serve_local_when_down
         self.keys_key = f"{namespace}:auth:keys"
         self.aliases_key = f"{namespace}:auth:aliases"
+        self.deleted_key = f"{namespace}:auth:deleted"
         self._put = client.register_script(_PUT)
+        self._push = client.register_script(_PUSH)
+        self._delete = client.register_script(_DELETE)
+
+    async def _read(self, op: Callable[[], Any]) -> Any:
+        """`op()` on Redis, or None when Redis is down and `local` may answer."""
+        try:
+            return await self.link.call(op)
+        except RedisDown:
+            if self.serve_local_when_down:
+                return None
+            raise
 
     async def get(self, token: str) -> KeyRecord | None:
-        raw = await self.client.hget(self.keys_key, token)
-        return KeyRecord.from_json(raw) if raw is not None else None
+        found = await self._read(lambda: self._get_pipe(token))
+        if found is None:  # Redis is down
+            return await self.local.get(token)
+        raw, deleted = found
+        if raw is not None:
+            record = KeyRecord.from_json(raw)
+            if self.local.peek(token) != record:
+                await self.local.save(record)
+            return record
+        record = self.local.peek(token)
+        if record is None:
+            return None
+        if deleted:  # deleted through another proxy
+            await self.local.delete([token])
+            return None
+        await self.push([record])  # Redis lost it: put it back
+        return None if self.local.peek(token) is None else record
+
+    async def _get_pipe(self, token: str) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys_key, token)
+            pipe.sismember(self.deleted_key, token)
+            return await pipe.execute()
 
     async def by_alias(self, alias: str) -> KeyRecord | None:
-        token = await self.client.hget(self.aliases_key, alias)
+        token = await self._read(lambda: self.client.hget(self.aliases_key, alias))
         if token is None:
-            return None
+            record = await self.local.by_alias(alias)
+            if record is None or not self.link.up:
+                return record
+            return await self.get(record.token)
         return await self.get(token.decode() if isinstance(token, bytes) else token)
 
     async def put(self, record: KeyRecord, previous_alias: str | None = None) -> bool:
-        ok = await self._put(keys=[self.keys_key, self.aliases_key],
-                             args=[record.token, record.key_alias or "", record.to_json(),
-                                   previous_alias or ""])  # fmt: skip
+        ok = await self.link.call(
+            lambda: self._put(
+                keys=[self.keys_key, self.aliases_key, self.deleted_key],
+                args=[record.token, record.key_alias or "", record.to_json(), previous_alias or ""],
+            )
+        )
+        if ok:
+            await self.local.save(record)
         return bool(ok)
 
     async def delete(self, tokens: list[str]) -> None:
-        records = [r for r in [await self.get(t) for t in tokens] if r is not None]
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(self.keys_key, *tokens)
-            aliases = [r.key_alias for r in records if r.key_alias]
-            if aliases:
-                pipe.hdel(self.aliases_key, *aliases)
-            await pipe.execute()
+        known = [await self.get(t) for t in tokens]
+        args: list[str] = []
+        for token, record in zip(tokens, known, strict=True):
+            alias = record.key_alias if record is not None else None
+            args += [token, alias or ""]
+        await self.link.call(
+            lambda: self._delete(
+                keys=[self.keys_key, self.aliases_key, self.deleted_key], args=args
+            )
+        )
+        await self.local.delete(tokens)
 
     async def all(self) -> list[KeyRecord]:
-        raw = await self.client.hgetall(self.keys_key)
-        return [KeyRecord.from_json(v) for v in raw.values()]
+        found = await self._read(self._all_pipe)
+        if found is None:
+            return await self.local.all()
+        raw, deleted = found
+        records = {token: KeyRecord.from_json(v) for token, v in raw.items()}
+        tokens = {t.decode() if isinstance(t, bytes) else t for t in records}
+        gone = {t.decode() if isinstance(t, bytes) else t for t in deleted}
+        out = list(records.values())
+        out += [r for r in await self.local.all() if r.token not in tokens | gone]
+        return out
+
+    async def _all_pipe(self) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys_key)
+            pipe.smembers(self.deleted_key)
+            return await pipe.execute()
+
+    async def push(self, records: list[KeyRecord]) -> None:
+        """Put `records` back where Redis lacks them; drop those deleted through another
+        proxy from `local`."""
+        for i in range(0, len(records), PUSH_BATCH):
+            args: list[str] = []
+            for r in records[i : i + PUSH_BATCH]:
+                args += [r.token, r.to_json(), r.key_alias or ""]
+            deleted = await self.link.call(
+                lambda args=args: self._push(
+                    keys=[self.keys_key, self.aliases_key, self.deleted_key], args=args
+                ),
+                self.link.probe_timeout,
+            )
+            if deleted:
+                await self.local.delete(
+                    [t.decode() if isinstance(t, bytes) else t for t in deleted]
+                )
+
+    async def push_all(self) -> None:
+        """After Redis lost data (or came back): put back every key of the store of record."""
+        await self.push(await self.local.all())
 
     async def close(self) -> None:
-        pass  # the client is closed by whoever opened it
+        pass  # the client and the local store are closed by whoever opened them
 
 
 def sort_records(records: Iterable[KeyRecord]) -> list[KeyRecord]:

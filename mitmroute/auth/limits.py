@@ -21,25 +21,31 @@ below ``tpm_limit``; tokens (``usage.total_tokens``) are added when the exchange
 **Backends.** :class:`MemoryLimiter` keeps dicts on the event loop (single-threaded, so check and
 reserve are one step) and persists spend to the keys DuckDB file a second after it changes and
 at shutdown. :class:`RedisLimiter` admits with one Lua script and settles with another, so any
-number of proxies on one Redis enforce one limit.
+number of proxies on one Redis enforce one limit; each proxy's share of a key's spend comes
+from its spend log, so Redis losing its data loses no spend, and a Redis outage drops no
+settlement (see the class).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import parse_duration
 
 if TYPE_CHECKING:
     from mitmroute.auth.keys import KeyRecord, KeysDB
+    from mitmroute.auth.ledger import Ledger
     from mitmroute.config import Deployment, GeneralSettings, RouterConfig
     from mitmroute.exchange import Exchange
 
@@ -117,6 +123,8 @@ class Reservation:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     key_alias: str | None = None
     team: str | None = None
+    local: bool = False
+    """Held in this process only (admitted while Redis was down)."""
 
 
 @dataclass(slots=True)
@@ -277,6 +285,10 @@ class MemoryLimiter:
         now = self._clock() if now is None else now
         return self._count(self._spend, policy.token, policy.window(now))
 
+    def seed(self, token: str, window: int, nanos: int) -> None:
+        """Take `nanos` as the key's spend in `window` (known elsewhere; not persisted)."""
+        self._spend[token] = (window, nanos)
+
     async def forget(self, token: str) -> None:
         for table in (self._spend, self._reserved, self._requests, self._tokens):
             table.pop(token, None)
@@ -316,14 +328,32 @@ class MemoryLimiter:
         await self.flush()
 
 
-# --- Redis -----------------------------------------------------------------------------------
+# --- Redis ---------------------------------------------------------------------------------
 
-_ADMIT = """
-local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
-local tokens = tonumber(redis.call('GET', KEYS[2]) or '0')
-local spent = tonumber(redis.call('GET', KEYS[3]) or '0')
-local rpm, tpm, budget = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+_SHARE = """
+local share = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local before = share
+if tonumber(ARGV[2]) > share then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  if tonumber(ARGV[3]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+  share = tonumber(ARGV[2])
+end
+local spent = 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do spent = spent + tonumber(v) end
+"""
+"""Every script starts here. KEYS[1] is the key's spend hash for one window, ARGV[1..3] this
+ledger's field, its share and the hash's ttl: raise the field to the share (never lower it),
+then sum all the shares into `spent`."""
+
+_PUSH = _SHARE + "return {spent, share}"
+
+_ADMIT = (
+    _SHARE
+    + """
+local requests = tonumber(redis.call('GET', KEYS[2]) or '0')
+local tokens = tonumber(redis.call('GET', KEYS[3]) or '0')
+local rpm, tpm, budget = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now, ttl = tonumber(ARGV[9]), tonumber(ARGV[10])
 local reserved = 0
 if budget >= 0 then
   local held = redis.call('HGETALL', KEYS[4])
@@ -337,97 +367,361 @@ if budget >= 0 then
     end
   end
 end
-if rpm >= 0 and requests >= rpm then return {1, requests, tokens, spent, reserved} end
-if tpm >= 0 and tokens >= tpm then return {2, requests, tokens, spent, reserved} end
-if budget >= 0 and spent + reserved >= budget then return {3, requests, tokens, spent, reserved} end
-if budget >= 0 and tonumber(ARGV[4]) > 0 then
-  redis.call('HSET', KEYS[4], ARGV[5], ARGV[4] .. ':' .. (now + ttl))
-  redis.call('PEXPIRE', KEYS[4], ttl)
+local code = 0
+if rpm >= 0 and requests >= rpm then code = 1
+elseif tpm >= 0 and tokens >= tpm then code = 2
+elseif budget >= 0 and spent + reserved >= budget then code = 3
+else
+  if budget >= 0 and tonumber(ARGV[7]) > 0 then
+    redis.call('HSET', KEYS[4], ARGV[8], ARGV[7] .. ':' .. (now + ttl))
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
+  requests = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], 120)
 end
-requests = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], 120)
-return {0, requests, tokens, spent, reserved}
+return {code, requests, tokens, spent, reserved, share}
 """
+)
+"""KEYS: spend hash, rpm, tpm, reservations; ARGV 4-10: rpm, tpm, budget (-1 = none),
+estimate, reservation id, now and reservation ttl (ms)."""
 
-_SETTLE = """
-redis.call('HDEL', KEYS[2], ARGV[1])
-local cost, tokens, ttl = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local after = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cost > 0 then
-  after = redis.call('INCRBY', KEYS[1], cost)
-  if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
-end
+_SETTLE = (
+    _SHARE
+    + """
+if ARGV[4] ~= '' then redis.call('HDEL', KEYS[2], ARGV[4]) end
+local tokens = tonumber(ARGV[5])
 if tokens > 0 then
   redis.call('INCRBY', KEYS[3], tokens)
   redis.call('EXPIRE', KEYS[3], 120)
 end
-return {after - cost, after}
+return {spent - (share - before), spent, share}
 """
+)
+"""KEYS: spend hash, reservations, tpm; ARGV 4-5: reservation id ('' = none), tokens."""
 
 _REASONS = {1: "rpm", 2: "tpm", 3: "budget"}
 
+QUEUE_LIMIT = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """What a settlement still has to do in Redis (its spend is in the ledger's share)."""
+
+    reservation_key: str
+    reservation_id: str | None
+    tpm_key: str
+    tokens: int
+    minute: int
+
 
 class RedisLimiter:
-    """Limits shared by every proxy on one Redis (keys `<namespace>:auth:{<token>}:...`)."""
+    """Limits shared by every proxy on one Redis (keys `<namespace>:auth:{<token>}:...`).
 
-    def __init__(self, client: Any, namespace: str = "mitmroute", reservation_ttl: float = 660.0,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    **Spend** is a hash per key and budget window whose fields are the shares of each spend
+    log (`ledger_id`, one per proxy's `spend_db`); a key's spend is their sum. This proxy's
+    share is kept here too (`_mine`): read from the spend log the first time a key is seen
+    (:class:`~mitmroute.auth.ledger.Ledger`), then raised by each settlement, and written to
+    Redis as an absolute value that only ever grows (every admit and settle carries it). So a
+    Redis that lost its data gets this share back on the next request, and a settlement that
+    Redis missed is in the next value written: none is ever lost.
+
+    **Redis down.** A settlement is kept in a bounded queue (reservation release and tokens)
+    and applied when Redis answers again; its cost is already in the share. An admission
+    raises :class:`RedisDown`, or, with `serve_local_when_down`, is decided in this process
+    (:class:`MemoryLimiter`: rpm/tpm of this proxy only; spend = this share + the other
+    shares last seen).
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        namespace: str = "mitmroute",
+        reservation_ttl: float = 660.0,
+        clock: Callable[[], float] = time.time,
+        *,
+        link: RedisLink | None = None,
+        ledger: Ledger | None = None,
+        ledger_id: str | None = None,
+        serve_local_when_down: bool = False,
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> None:
         self.client = client
         self.namespace = namespace
         self.reservation_ttl = reservation_ttl
         self._clock = clock
+        self.link = link if link is not None else RedisLink(client, namespace, watch=False)
+        self.ledger = ledger
+        self.me = ledger_id or uuid.uuid4().hex
+        self.serve_local_when_down = serve_local_when_down
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
+        self._push = client.register_script(_PUSH)
+        self._mine: dict[str, tuple[int, int]] = {}
+        """token -> (window, nano-dollars): this ledger's share of the key's spend."""
+        self._others: dict[str, tuple[int, int]] = {}
+        """token -> (window, nano-dollars): the other shares, as last seen in Redis."""
+        self._policies: dict[str, Policy] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[dict[str, int]]] = {}
+        self._local = MemoryLimiter(reservation_ttl=reservation_ttl, clock=clock)
+        self._queue: deque[_Queued] = deque()
+        self.queue_limit = queue_limit
+        self._unpushed: set[str] = set()
+        """Tokens whose share Redis may lack (a settlement failed)."""
 
     def _key(self, token: str, *parts: object) -> str:
         return ":".join([f"{self.namespace}:auth:{{{token}}}", *map(str, parts)])
 
     def _spend_key(self, policy: Policy, now: float) -> str:
-        return self._key(policy.token, "spend", policy.window(now))
+        return self._key(policy.token, "spent", policy.window(now))
+
+    @staticmethod
+    def _spend_ttl(policy: Policy) -> int:
+        return math.ceil(policy.budget_seconds + 3600) if policy.budget_seconds else 0
+
+    # --- this ledger's share ------------------------------------------------------------
+
+    def _held(self, token: str, window: int) -> int | None:
+        held = self._mine.get(token)
+        return held[1] if held is not None and held[0] == window else None
+
+    def _raise(self, token: str, window: int, nanos: int) -> None:
+        held = self._mine.get(token)
+        if held is None or held[0] < window or (held[0] == window and held[1] < nanos):
+            self._mine[token] = (window, nanos)
+
+    async def _share(self, policy: Policy, now: float) -> int:
+        """This ledger's share of the key's spend in the window of `now` (read once)."""
+        window = policy.window(now)
+        self._policies[policy.token] = policy
+        held = self._held(policy.token, window)
+        if held is not None:
+            return held
+        key = (policy.token, window)
+        task = self._loading.get(key)
+        if task is None:
+            since = {policy.token: _window_start(policy, window)}
+            task = asyncio.get_running_loop().create_task(self._read_ledger(since))
+            self._loading[key] = task
+            task.add_done_callback(lambda _: self._loading.pop(key, None))
+        found = await asyncio.shield(task)
+        self._raise(policy.token, window, found.get(policy.token, 0))
+        held = self._held(policy.token, window)
+        return held if held is not None else 0
+
+    async def _read_ledger(self, since: dict[str, float]) -> dict[str, int]:
+        if self.ledger is None:
+            return {}
+        try:
+            return await self.ledger.spend_since(since)
+        except Exception as e:
+            log.warning("auth: cannot read key spend from the spend log: %s", e)
+            return {}
+
+    def _others_of(self, token: str, window: int) -> int:
+        held = self._others.get(token)
+        return held[1] if held is not None and held[0] == window else 0
+
+    # --- the Limiter protocol -----------------------------------------------------------
 
     async def admit(self, policy: Policy, estimate: int, now: float | None = None) -> Verdict:
         now = self._clock() if now is None else now
-        minute = int(now // MINUTE)
+        mine = await self._share(policy, now)
+        minute, window = int(now // MINUTE), policy.window(now)
         reservation = Reservation(policy, estimate if policy.max_budget is not None else 0)
-        keys = [self._key(policy.token, "rpm", minute), self._key(policy.token, "tpm", minute),
-                self._spend_key(policy, now), self._key(policy.token, "reserved")]  # fmt: skip
-        args = [-1 if policy.rpm is None else policy.rpm, -1 if policy.tpm is None else policy.tpm,
-                -1 if policy.max_budget is None else policy.max_budget, reservation.nanos,
-                reservation.id, int(now * 1000), int(self.reservation_ttl * 1000)]  # fmt: skip
-        code, requests, tokens, spent, reserved = await self._admit(keys=keys, args=args)
-        verdict = Verdict(policy, _REASONS.get(int(code)), requests=int(requests),
-                          tokens=int(tokens), spent=int(spent), reserved=int(reserved),
-                          now=now)  # fmt: skip
+        keys = [
+            self._spend_key(policy, now),
+            self._key(policy.token, "rpm", minute),
+            self._key(policy.token, "tpm", minute),
+            self._key(policy.token, "reserved"),
+        ]
+        args = [
+            self.me,
+            mine,
+            self._spend_ttl(policy),
+            -1 if policy.rpm is None else policy.rpm,
+            -1 if policy.tpm is None else policy.tpm,
+            -1 if policy.max_budget is None else policy.max_budget,
+            reservation.nanos,
+            reservation.id,
+            int(now * 1000),
+            int(self.reservation_ttl * 1000),
+        ]
+        try:
+            found = await self.link.call(lambda: self._admit(keys=keys, args=args))
+        except RedisDown:
+            if not self.serve_local_when_down:
+                raise
+            return await self._admit_locally(policy, estimate, now)
+        code, requests, tokens, spent, reserved, share = map(int, found)
+        self._raise(policy.token, window, share)
+        self._others[policy.token] = (window, spent - share)
+        verdict = Verdict(
+            policy,
+            _REASONS.get(code),
+            requests=requests,
+            tokens=tokens,
+            spent=spent,
+            reserved=reserved,
+            now=now,
+        )
         if verdict.ok:
             verdict.reservation = reservation
         return verdict
 
-    async def settle(self, reservation: Reservation, cost: int, tokens: int,
-                     now: float | None = None) -> BudgetUpdate:  # fmt: skip
+    async def _admit_locally(self, policy: Policy, estimate: int, now: float) -> Verdict:
+        window = policy.window(now)
+        mine = self._held(policy.token, window) or 0
+        self._local.seed(policy.token, window, mine + self._others_of(policy.token, window))
+        verdict = await self._local.admit(policy, estimate, now)
+        if verdict.reservation is not None:
+            verdict.reservation.local = True
+        return verdict
+
+    async def settle(
+        self, reservation: Reservation, cost: int, tokens: int, now: float | None = None
+    ) -> BudgetUpdate:
         now = self._clock() if now is None else now
         policy = reservation.policy
-        ttl = math.ceil(policy.budget_seconds + 3600) if policy.budget_seconds else 0
-        keys = [self._spend_key(policy, now), self._key(policy.token, "reserved"),
-                self._key(policy.token, "tpm", int(now // MINUTE))]  # fmt: skip
-        before, after = await self._settle(keys=keys, args=[reservation.id, max(cost, 0),
-                                                            max(tokens, 0), ttl])  # fmt: skip
-        return BudgetUpdate(policy.token, reservation.key_alias, reservation.team, int(before),
-                            int(after), policy.max_budget, policy.window(now),
-                            policy.reset_at(now))  # fmt: skip
+        token, window, minute = policy.token, policy.window(now), int(now // MINUTE)
+        await self._share(policy, now)
+        cost, tokens = max(cost, 0), max(tokens, 0)
+        mine = (self._held(token, window) or 0) + cost
+        self._mine[token] = (window, mine)
+        await self._local.settle(reservation, 0, tokens, now)  # this proxy's tpm, if Redis dies
+        queued = _Queued(
+            self._key(token, "reserved"),
+            None if reservation.local else reservation.id,
+            self._key(token, "tpm", minute),
+            tokens,
+            minute,
+        )
+        keys = [self._spend_key(policy, now), queued.reservation_key, queued.tpm_key]
+        args = [self.me, mine, self._spend_ttl(policy), queued.reservation_id or "", tokens]
+        try:
+            found = await self.link.call(lambda: self._settle(keys=keys, args=args))
+            before, after, share = map(int, found)
+        except RedisDown:
+            self._enqueue(token, queued)
+            others = self._others_of(token, window)
+            before, after = others + mine - cost, others + mine
+        else:
+            self._others[token] = (window, after - share)
+        return BudgetUpdate(
+            token,
+            reservation.key_alias,
+            reservation.team,
+            before,
+            after,
+            policy.max_budget,
+            window,
+            policy.reset_at(now),
+        )
+
+    def _enqueue(self, token: str, queued: _Queued) -> None:
+        self._unpushed.add(token)
+        if queued.reservation_id is None and not queued.tokens:
+            return
+        if len(self._queue) >= self.queue_limit:
+            # the oldest release only frees budget its reservation's ttl frees anyway
+            self._queue.popleft()
+            log.warning(
+                "auth: settlement queue full (%d): oldest reservation release dropped",
+                self.queue_limit,
+            )
+        self._queue.append(queued)
 
     async def spent(self, policy: Policy, now: float | None = None) -> int:
         now = self._clock() if now is None else now
-        value = await self.client.get(self._spend_key(policy, now))
-        return int(value or 0)
+        mine, window = await self._share(policy, now), policy.window(now)
+        args = [self.me, mine, self._spend_ttl(policy)]
+        key = self._spend_key(policy, now)
+        try:
+            spent, share = await self.link.call(lambda: self._push(keys=[key], args=args))
+        except RedisDown:
+            if not self.serve_local_when_down:
+                raise
+            return mine + self._others_of(policy.token, window)
+        self._others[policy.token] = (window, int(spent) - int(share))
+        return int(spent)
 
     async def forget(self, token: str) -> None:
+        for table in (self._mine, self._others, self._policies):
+            table.pop(token, None)
+        self._unpushed.discard(token)
+        await self._local.forget(token)
         pattern = f"{self.namespace}:auth:{{{token}}}:*"
-        keys = [k async for k in self.client.scan_iter(match=pattern, count=100)]
-        if keys:
-            await self.client.delete(*keys)
+
+        async def delete() -> None:
+            keys = [k async for k in self.client.scan_iter(match=pattern, count=100)]
+            if keys:
+                await self.client.delete(*keys)
+
+        await self.link.call(delete, self.link.probe_timeout)
+
+    # --- putting Redis right again ------------------------------------------------------
+
+    async def sync(self, policies: list[Policy]) -> None:
+        """After Redis lost data or came back: read the spend log for the keys not seen yet,
+        write every share this ledger holds, and apply the queued settlements."""
+        now = self._clock()
+        since: dict[str, float] = {}
+        for policy in policies:
+            self._policies[policy.token] = policy
+            if self._held(policy.token, policy.window(now)) is None:
+                since[policy.token] = _window_start(policy, policy.window(now))
+        found = await self._read_ledger(since) if since else {}
+        for token in since:
+            self._raise(token, self._policies[token].window(now), found.get(token, 0))
+        self._unpushed.update(self._mine)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Write the shares Redis may lack and apply queued settlements (batches of 500)."""
+        now = self._clock()
+        while self._unpushed or self._queue:
+            tokens = [self._unpushed.pop() for _ in range(min(500, len(self._unpushed)))]
+            queued = [self._queue.popleft() for _ in range(min(500, len(self._queue)))]
+            try:
+                await self.link.call(
+                    functools.partial(self._drain, tokens, queued, now), self.link.probe_timeout
+                )
+            except RedisDown:
+                self._unpushed.update(tokens)
+                self._queue.extendleft(reversed(queued))
+                raise
+
+    async def _drain(self, tokens: list[str], queued: list[_Queued], now: float) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for token in tokens:
+                policy = self._policies.get(token)
+                held = self._held(token, policy.window(now)) if policy is not None else None
+                if policy is None or held is None:
+                    continue  # its window is over
+                args = [self.me, held, self._spend_ttl(policy)]
+                await self._push(keys=[self._spend_key(policy, now)], args=args, client=pipe)
+            for q in queued:
+                if q.reservation_id is not None:
+                    pipe.hdel(q.reservation_key, q.reservation_id)
+                if q.tokens and q.minute == int(now // MINUTE):
+                    pipe.incrby(q.tpm_key, q.tokens)
+                    pipe.expire(q.tpm_key, 120)
+            await pipe.execute()
+
+    @property
+    def pending(self) -> bool:
+        """Settlements or shares still to write to Redis."""
+        return bool(self._queue or self._unpushed)
 
     async def close(self) -> None:
-        pass  # the client is closed by whoever opened it
+        pass  # the client and the link are closed by whoever opened them
+
+
+def _window_start(policy: Policy, window: int) -> float:
+    """Epoch seconds the budget window `window` of `policy` starts at."""
+    if not policy.budget_seconds:
+        return policy.anchor
+    return policy.anchor + window * policy.budget_seconds
 
 
 # --- estimating and pricing ------------------------------------------------------------------

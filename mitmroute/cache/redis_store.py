@@ -16,14 +16,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
 
 from mitmroute.config import CacheSettings
+from mitmroute.redis_client import Breaker, connect, label
+
+__all__ = ["DEFAULT_TIMEOUT", "DEFAULT_TTL", "Breaker", "RedisStore"]
 
 log = logging.getLogger("mitmroute.cache")
 
@@ -32,42 +31,6 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT = 0.05
 DEFAULT_TTL = 24 * 3600.0
 """TTL for entries written without one: a shared Redis should never grow without bound."""
-
-
-class Breaker:
-    """Counts consecutive failures; open after `threshold` of them until `close()`."""
-
-    __slots__ = ("failures", "is_open", "opened_at", "threshold")
-
-    def __init__(self, threshold: int = 3) -> None:
-        self.threshold = threshold
-        self.failures = 0
-        self.is_open = False
-        self.opened_at = 0.0
-
-    def success(self) -> None:
-        self.failures = 0
-
-    def failure(self) -> bool:
-        """Record a failure; True when this one opened the breaker."""
-        self.failures += 1
-        if self.is_open or self.failures < self.threshold:
-            return False
-        self.is_open, self.opened_at = True, time.monotonic()
-        return True
-
-    def close(self) -> None:
-        self.is_open, self.failures = False, 0
-
-
-def _label(settings: CacheSettings) -> str:
-    """Where Redis is, without the password."""
-    if settings.url:
-        parts = urlsplit(settings.url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path}"
-    return f"{settings.host}:{settings.port}"
 
 
 class RedisStore:
@@ -100,23 +63,15 @@ class RedisStore:
     @classmethod
     def from_settings(cls, settings: CacheSettings, **kwargs: Any) -> RedisStore:
         """A pooled client from `url`, or `host`/`port`/`password`; no redis-py retries."""
-        probe_timeout = kwargs.get("probe_timeout", 1.0)
-        common: dict[str, Any] = {
-            "socket_connect_timeout": probe_timeout,
-            "socket_timeout": probe_timeout,
-            "retry": Retry(NoBackoff(), 0),
-            "max_connections": 256,
-            # Plain Redis has no maintenance push notifications; asking costs a round trip on
-            # every (re)connect.
-            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
-        }
-        if settings.url:
-            pool = aioredis.ConnectionPool.from_url(settings.url, **common)
-        else:
-            pool = aioredis.ConnectionPool(
-                host=settings.host, port=settings.port, password=settings.password, **common
-            )
-        return cls(aioredis.Redis.from_pool(pool), label=_label(settings), **kwargs)
+        client = connect(
+            url=settings.url,
+            host=settings.host,
+            port=settings.port,
+            password=settings.password,
+            timeout=kwargs.get("probe_timeout", 1.0),
+        )
+        where = label(settings.url, settings.host, settings.port)
+        return cls(client, label=where, **kwargs)
 
     @property
     def available(self) -> bool:

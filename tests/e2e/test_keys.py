@@ -298,11 +298,13 @@ def redis_namespace():
     client.close()
 
 
-def test_two_proxies_on_one_redis_enforce_one_limit(start_proxy, backend, redis_namespace):
+def test_two_proxies_on_one_redis_enforce_one_limit(redis_namespace, start_proxy, backend):
+    # redis_namespace first: it is cleaned after the proxies stop (they write to it until then)
     cfg = config(backend.url)
     cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
                                                 "namespace": redis_namespace}}  # fmt: skip
-    a, b = start_proxy(cfg), start_proxy(json.loads(json.dumps(cfg)))
+    other = json.loads(json.dumps(cfg))  # before `a` names its spend_db: one per proxy
+    a, b = start_proxy(cfg), start_proxy(other)
     avoid_minute_edge()
     key = generate(a, key_alias="shared", rpm_limit=4)
     with a.client(api_key=key) as on_a, b.client(api_key=key) as on_b:

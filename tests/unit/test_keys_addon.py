@@ -14,11 +14,13 @@ from mitmproxy import http
 from mitmproxy.test import tflow
 
 from mitmroute.addons.auth import RESERVATION_KEY, KeyAuth
+from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth.keys import hash_key
 from mitmroute.config import parse_config
 from mitmroute.exchange import Exchange, Usage
+from mitmroute.gate import decide
 
 MASTER = "sk-master"
 
@@ -31,7 +33,10 @@ def make_flow(key: str | None, body: dict | None = None, host: str = "api.openai
     content = json.dumps(body or {"model": "gpt-4o", "messages": [{"role": "user",
                                                                    "content": "hi"}]})  # fmt: skip
     request = http.Request.make("POST", f"https://{host}{path}", content, headers)
-    return tflow.tflow(req=request)
+    flow = tflow.tflow(req=request)
+    if host == "api.openai.com":  # what the Gate decides before KeyAuth sees the flow
+        flow.metadata[GATE_KEY] = decide("POST", path, host)
+    return flow
 
 
 def setup(master: str | None = MASTER) -> tuple[Shared, KeyAuth]:
