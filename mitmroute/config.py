@@ -258,6 +258,7 @@ class GeneralSettings:
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_size_mb * 1024 * 1024)
+
     allow_requests_on_db_unavailable: bool = False
     """Redis (the shared key cache and counters) down: serve virtual keys from the keys file
     with in-process limits instead of answering 503 `auth_unavailable`."""

@@ -40,8 +40,9 @@ from mitmroute.auth.limits import (
     nanos_to_usd,
     usd_to_nanos,
 )
+from mitmroute.bodies import parse_json_object
 from mitmroute.config import RouterConfig
-from mitmroute.errors import ProxyError, bad_request
+from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
 from mitmroute.request import (
     ROUTED_ENDPOINTS,
@@ -63,11 +64,6 @@ def invalid_key(message: str) -> ProxyError:
 def unavailable() -> ProxyError:
     return ProxyError(503, "The proxy's key store is unavailable", "server_error",
                       code="auth_unavailable")  # fmt: skip
-
-
-def too_deep() -> ProxyError:
-    message = "The request body is not valid JSON: it is nested too deeply."
-    return bad_request(message, code="json_too_deep")
 
 
 def no_master_key() -> ProxyError:
@@ -249,13 +245,8 @@ class KeyAuth:
         estimate = 0
         if record.models or policy.max_budget is not None:
             raw = flow.request.get_content(strict=False) or b""
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                return  # the Router answers it 400
-            except RecursionError:
-                raise too_deep() from None
-            model = body.get("model") if isinstance(body, dict) else None
+            body = parse_json_object(raw)  # a body the Router would refuse is refused here
+            model = body.get("model")
             if not isinstance(model, str) or not model:
                 return
             if not record.allows(model, state.estimator.group_of(model)):

@@ -82,7 +82,7 @@ def _json_body(raw: bytes) -> dict[str, Any]:
         raise _error(400, f"The request body is not valid JSON: {e}", "invalid_json") from None
     except RecursionError:
         raise _error(
-            400, "The request body is not valid JSON: it is nested too deeply.", "json_too_deep"
+            400, "The request body is not valid JSON: it is nested too deeply.", "body_too_deep"
         ) from None
     if not isinstance(body, dict):
         raise _error(400, "The request body must be a JSON object.", "invalid_json")

@@ -294,3 +294,18 @@ def test_stream_large_bodies_is_refused_at_start_up(start_proxy, backend):
         return
     assert proxy.proc.wait(15) == 2
     assert "mitmroute: stream_large_bodies=1k" in proxy.logs()
+
+
+def test_a_host_spelling_does_not_skip_the_key_check(start_proxy, backend):
+    proxy = start_proxy(
+        {
+            "model_list": [
+                deployment("gpt-4o", "openai/ok-model", f"{backend.url}/v1", api_key="sk-b")
+            ],
+            "general_settings": {"master_key": "sk-master"},
+        }
+    )
+    with proxy.http(headers={"host": "API.OpenAI.com."}) as http:
+        resp = http.post("https://api.openai.com/v1/chat/completions", json=chat())
+    assert resp.status_code == 401, resp.text
+    assert resp.json()["error"]["code"] == "invalid_api_key"

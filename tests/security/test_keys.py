@@ -239,7 +239,7 @@ def test_a_deeply_nested_body_with_a_restricted_key_is_a_400_not_a_leak(
         assert resp.status_code == 400, resp.text
         error = resp.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
-        assert error["type"] == "invalid_request_error" and error["code"] == "json_too_deep"
+        assert error["type"] == "invalid_request_error" and error["code"] == "body_too_deep"
         assert "nested too deeply" in error["message"]
         _, ok = chat(http, key)  # the proxy is fine afterwards
         assert ok.status_code == 200
@@ -249,4 +249,4 @@ def test_a_deeply_nested_body_with_a_restricted_key_is_a_400_not_a_leak(
         rows = db.execute(
             "SELECT status_code, error_type FROM spend_log WHERE api_key_hash = ?", [hash_key(key)]
         ).fetchall()
-    assert sorted(rows, key=str) == sorted([(400, "json_too_deep"), (200, None)], key=str)
+    assert sorted(rows, key=str) == sorted([(400, "body_too_deep"), (200, None)], key=str)
