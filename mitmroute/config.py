@@ -102,6 +102,8 @@ KNOWN_ROUTER_SETTINGS = {
 KNOWN_GENERAL_SETTINGS = {
     "intercept_hosts",
     "spend_db",
+    "spend_buffer_rows",
+    "spend_on_buffer_full",
     "max_request_size_mb",
     "passthrough_paths",
     "passthrough_unknown_models",
@@ -239,6 +241,10 @@ DEFAULT_PASSTHROUGH_PATHS = ("/v1/*",)
 class GeneralSettings:
     intercept_hosts: tuple[str, ...] = ("api.openai.com",)
     spend_db: str = "./spend.duckdb"
+    spend_buffer_rows: int = 100_000
+    """Cap of spend rows held in memory while neither the db nor its spill file can be written."""
+    spend_on_buffer_full: str = "refuse"
+    """At that cap: `refuse` new requests with 503, or `drop` their rows (counted)."""
     passthrough_unknown_models: bool = True
     master_key: str | None = None
     max_budget: float | None = None
@@ -556,9 +562,19 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
         raise ConfigError(f"{path}.spend_alerts: expected a list of mappings")
     webhook = g.get("alerting_webhook_url")
     metrics_port = _number(g.get("metrics_port"), f"{path}.metrics_port", integer=True)
+    buffer_rows = _number(
+        g.get("spend_buffer_rows", 100_000), f"{path}.spend_buffer_rows", minimum=1, integer=True
+    )
+    on_full = g.get("spend_on_buffer_full", "refuse")
+    if on_full not in ("refuse", "drop"):
+        raise ConfigError(
+            f"{path}.spend_on_buffer_full: expected 'refuse' or 'drop', got {on_full!r}"
+        )
     return GeneralSettings(
         intercept_hosts=tuple(h.lower() for h in hosts),
         spend_db=str(g.get("spend_db", "./spend.duckdb")),
+        spend_buffer_rows=100_000 if buffer_rows is None else buffer_rows,
+        spend_on_buffer_full=on_full,
         passthrough_unknown_models=_bool(
             g.get("passthrough_unknown_models"), f"{path}.passthrough_unknown_models", True
         ),

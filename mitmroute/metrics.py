@@ -21,6 +21,8 @@ Others:
 ``mitmroute_key_budget_remaining_usd{key_alias, team, key}``   budget left in the window
     (``key``: the first 12 hex digits of the key's sha256; updated after each request)
 ``mitmroute_key_spend_usd{key_alias, team, key}``              spend in the current window
+``mitmroute_spend_rows_dropped_total``   spend log rows lost: buffer full with
+    ``spend_on_buffer_full: drop``, or nothing writable at exit
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class RouterMetrics:
                                       registry=r)  # fmt: skip
         self.key_spend = Gauge("mitmroute_key_spend_usd", "Key spend in its current window",
                                KEY_LABELS, registry=r)  # fmt: skip
+        self.spend_rows_dropped = Counter(
+            "mitmroute_spend_rows_dropped",
+            "Spend log rows lost (buffer full, or at exit)",
+            registry=r,
+        )
 
     def exchange(self, exchange: Exchange, cost: Decimal | None = None,
                  cache_enabled: bool = False) -> None:  # fmt: skip
@@ -111,6 +118,9 @@ class RouterMetrics:
 
     def cooldown(self, deployment_id: str, seconds: float, reason: str) -> None:
         self.cooldowns.labels(deployment_id, reason).inc()
+
+    def spend_dropped(self, rows: int) -> None:
+        self.spend_rows_dropped.inc(rows)
 
     def budget(self, update: BudgetUpdate) -> None:
         labels = (update.key_alias or "", update.team or "", update.token[:12])

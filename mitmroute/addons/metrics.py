@@ -29,6 +29,7 @@ class Metrics:
         shared.listeners.append(self.exchange_done)
         shared.cooldown_listeners.append(self.metrics.cooldown)
         shared.budget_listeners.append(self.metrics.budget)
+        shared.spend_drop_listeners.append(self.metrics.spend_dropped)
 
     def load(self, loader) -> None:
         loader.add_option(

@@ -23,6 +23,8 @@ class Shared:
     """Called as `fn(deployment_id, seconds, reason)` when a deployment starts cooling down."""
     budget_listeners: list[Callable[[BudgetUpdate], None]] = field(default_factory=list)
     """Called when a virtual key's spend changes (after each settled request)."""
+    spend_drop_listeners: list[Callable[[int], None]] = field(default_factory=list)
+    """Called with a count of spend rows lost (buffer full, or unwritable at exit); any thread."""
 
     def publish_config(self, config: RouterConfig) -> None:
         self.config = config
@@ -40,3 +42,7 @@ class Shared:
     def publish_budget(self, update: BudgetUpdate) -> None:
         for listener in self.budget_listeners:
             listener(update)
+
+    def publish_spend_dropped(self, rows: int) -> None:
+        for listener in self.spend_drop_listeners:
+            listener(rows)

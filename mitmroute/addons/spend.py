@@ -1,39 +1,93 @@
 """Appends every exchange, with tokens and cost, to the DuckDB spend log (`spend_db`).
 
 Rows are written by a background thread, so the event loop never waits on DuckDB; `done`
-(SIGINT, SIGTERM) flushes everything before mitmdump exits.
+(SIGINT, SIGTERM) flushes everything before mitmdump exits and says where every row went. A
+`spend_db` that can never be written stops start-up like a config error. While the writer holds
+`spend_buffer_rows` rows it cannot write (disk full, read-only directory), new requests to
+intercepted hosts are answered 503 `ledger_unavailable` (`spend_on_buffer_full: refuse`), or
+served with their rows dropped and counted (`drop`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
+from mitmproxy import exceptions, http
+
+from mitmroute import errors
+from mitmroute.addons import flows
 from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.config import RouterConfig
+from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
+from mitmroute.spend import SpendDbError, check_writable
 from mitmroute.spend import SpendLog as SpendWriter
 
 log = logging.getLogger("mitmroute")
 
+LEDGER_FULL = ProxyError(
+    503,
+    "mitmroute: the spend log cannot be written (disk full or read-only) and its buffer is "
+    "full; requests are refused until it can be written again (spend_on_buffer_full: refuse)",
+    "server_error",
+    code="ledger_unavailable",
+)
+
 
 @fail_closed
 class SpendLog:
+    close_timeout = 10.0
+    """Seconds `done` waits for a busy or unwritable file before rows go to the spill file."""
+
     def __init__(self, shared: Shared) -> None:
+        self.shared = shared
         self.writer: SpendWriter | None = None
+        self.is_running = False
         shared.config_listeners.append(self.config_changed)
         shared.listeners.append(self.record)
 
+    def running(self) -> None:
+        self.is_running = True
+
     def config_changed(self, config: RouterConfig) -> None:
-        path = str(Path(config.general.spend_db).expanduser())
+        general = config.general
+        path = str(Path(general.spend_db).expanduser())
         if self.writer is not None and str(self.writer.path) == path:
+            self.writer.max_buffer = general.spend_buffer_rows
+            self.writer.on_full = general.spend_on_buffer_full
             return
+        try:
+            check_writable(path)
+        except SpendDbError as e:
+            if not self.is_running:  # a proxy that cannot bill would lose every row: don't start
+                print(f"mitmroute: {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise exceptions.OptionsError(f"mitmroute: {e}") from None
         if self.writer is not None:
-            self.writer.close()
-        self.writer = SpendWriter(path)
+            self._close()
+        self.writer = SpendWriter(
+            path,
+            max_buffer=general.spend_buffer_rows,
+            on_full=general.spend_on_buffer_full,
+            on_drop=self.shared.publish_spend_dropped,
+        )
         self.writer.start()
         log.info("mitmroute: spend log at %s", path)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or flows.GATE_KEY not in flow.metadata:
+            return
+        writer = self.writer
+        if writer is None or writer.on_full != "refuse" or writer.accepting():
+            return
+        # no spend row: there is no room for one, and that is why the request is refused
+        flow.metadata[flows.RECORDED_KEY] = True
+        body = errors.render(LEDGER_FULL, flows.dialect(flow))
+        flow.response = http.Response.make(503, body, flows.JSON_HEADERS)
+        writer.refused()
 
     def record(self, exchange: Exchange) -> None:
         if self.writer is not None:
@@ -42,6 +96,14 @@ class SpendLog:
     def done(self) -> None:
         if self.writer is None:
             return
-        if not self.writer.close():
-            log.warning("mitmroute: some spend rows went to the spill file (db busy at exit)")
+        self._close()
         # The closed writer stays: rows of streams that end after this go to its spill file.
+
+    def _close(self) -> None:
+        assert self.writer is not None
+        ok = self.writer.close(self.close_timeout)
+        log.log(
+            logging.INFO if ok else logging.WARNING,
+            "mitmroute: spend log closed: %s",
+            self.writer.describe(),
+        )

@@ -8,25 +8,58 @@ Why the file is not kept open
     CHECKPOINT (so no WAL is left for readers), close. A reader that holds the file only makes
     that open fail: the writer retries once after ``retry_delay`` and then appends the rows to
     ``<db>.spill.jsonl`` beside the file. The next successful open replays every spill file
-    (exactly once: the file is renamed to ``<db>.spill.<id>.jsonl`` first and the id is
-    committed with its rows in ``spend_spill_replays``) and deletes it. Spilling at once,
-    rather than buffering until the reader lets go, keeps the crash window below the same
-    whatever readers do. ``close()`` instead keeps retrying a busy file until its deadline
-    (holding at most ``max_buffer`` rows in memory meanwhile) and then spills, so a clean
-    shutdown never loses a row. Rows DuckDB refuses (a value that does not fit a column) go to
-    ``<db>.rejected.jsonl`` with the error, never silently away.
+    (the file is renamed to ``<db>.spill.<id>.jsonl`` first and the id is committed with its
+    rows in ``spend_spill_replays``) and deletes it. Spilling at once, rather than buffering
+    until the reader lets go, keeps the crash window below the same whatever readers do.
+    ``close()`` instead keeps retrying a busy file until its deadline and then spills, so a
+    clean shutdown never loses a row. Rows DuckDB refuses (a value that does not fit a column)
+    go to ``<db>.rejected.jsonl`` with the error, never silently away.
 
-    Cost per flush (2 cores, 200k-row file): open ~15 ms, insert ~3 ms + ~30 us/row,
-    CHECKPOINT ~6-13 ms, close ~4 ms; sustained ~15-24k rows/s. ``record()`` ~1 us.
+    Cost per flush (2 cores, 200k-row file): open ~15 ms, insert ~3 ms + ~30 us/row (of which
+    the duplicate check below ~2 ms + ~4 us/row), CHECKPOINT ~6-13 ms, close ~4 ms; sustained
+    ~15-24k rows/s.
+    ``record()`` ~1 us.
+
+Exactly once
+    A ``request_id`` is stored once in ``spend_log``: before a batch goes in, the ids of the
+    batch already in the table are looked up and those rows (and their attempts) are skipped
+    (``stats["duplicates"]``). The lookup is bounded by the batch's ``started_at`` range, so it
+    reads only the row groups of that range, whatever the size of the table (4-12 ms per 1000
+    rows from 200k to 3M rows). A spill file replayed twice, a commit reported failed that
+    landed after all, a line written twice: each row ends up in the table once. A UNIQUE index
+    would say the same in DuckDB itself, but DuckDB loads it on every open and rewrites it on
+    every checkpoint: at 1M rows a flush took ~450 ms instead of ~30 ms, and the file was 4.5x
+    larger. So files of any age need no migration; rows doubled by older versions stay as they
+    were (``SELECT request_id FROM spend_log GROUP BY 1 HAVING count(*) > 1`` finds them).
+
+When nothing can be written: a full disk, a read-only directory
+    Rows the db cannot take go to the spill file; rows the spill file cannot take either stay in
+    memory and are written by the first flush that succeeds once space comes back (one attempt
+    every ``flush_interval``). A failed append is cut back to where it started: no empty spill
+    file, no half line; a new db file is created under a temporary name and moved into place
+    once complete (a disk that fills during DuckDB's creation of a file leaves one it can never
+    open again). Rows held in memory (queued or pending) are capped by ``max_buffer``
+    (``general_settings.spend_buffer_rows``, default 100,000 rows, ~1.3 KB each). At the cap,
+    ``on_full`` decides (``general_settings.spend_on_buffer_full``): ``"refuse"`` keeps every
+    row, and the proxy answers new requests 503 while ``accepting()`` is False, so only the
+    requests already in flight still add rows (the cap is exceeded by at most their number);
+    ``"drop"`` drops new rows and counts them (``stats["dropped"]``, ``on_drop``). The trouble
+    is logged at most once per ``log_interval`` for each kind (file held, db unwritable, rows
+    held in memory, buffer full), with the true count of rows held; recovery once.
 
 What a crash can lose
     ``record()`` only appends to an in-memory queue; the thread writes it out within
     ``flush_interval`` (+ the flush itself, + ``retry_delay`` when the file is busy). SIGINT and
-    SIGTERM go through the addon's ``done`` hook, which calls ``close()``: nothing is lost.
-    SIGKILL (or a hard crash) loses the rows recorded in the last ``flush_interval`` + one flush
-    duration (default about 0.9-1.0 s) and nothing older: committed batches are durable in
-    DuckDB's WAL, and spilled rows are on disk (not fsynced unless ``fsync=True``: a power cut,
-    unlike a process kill, may lose the last spill writes).
+    SIGTERM go through the addon's ``done`` hook, which calls ``close()``: nothing is lost,
+    except rows that neither the db nor the spill file could take until close's deadline; those
+    are counted as lost, and ``summary()`` says where every row of the run went (db, spill
+    file, rejected, lost). SIGKILL (or a hard crash) loses the rows recorded in the last
+    ``flush_interval`` + one flush duration (default about 0.9-1.0 s) and the rows held in
+    memory for want of space, nothing older: committed batches are durable in DuckDB's WAL, and
+    spilled rows are on disk (not fsynced unless ``fsync=True``: a power cut, unlike a process
+    kill, may lose the last spill writes). A kill in the middle of an append leaves a torn last
+    line: the next append starts on a new line, and replay sets every line it cannot read aside
+    in ``<db>.rejected.jsonl`` and goes on.
 
 Only one proxy process may write a given file; readers may be as many as you like, but each
 reader that holds the file for long makes the writer spill until it lets go. A reader that
@@ -44,17 +77,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import itertools
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
@@ -202,9 +237,54 @@ def columnar_json(rows: list[Row], columns: tuple[tuple[str, str], ...]) -> str:
 
 # --- spill files --------------------------------------------------------------------------------
 
+_LOG_WIDTH = len(schema.SPEND_LOG)
+_ATTEMPT_WIDTH = len(schema.SPEND_ATTEMPTS)
+
+
+def _append(path: Path, data: bytes, fsync: bool) -> None:
+    """Append `data` to `path` whole or not at all.
+
+    A failed write (disk full) is cut back to where it started, and an empty file it created is
+    removed: no half line, no empty file. Data after a torn last line (a process killed in the
+    middle of a write) starts on a new line, so the torn line never swallows a good one.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            data = b"\n" + data
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if fsync:
+                os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+                if start == 0:
+                    os.unlink(path)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _parse(raw: bytes) -> Line | None:
+    """One spill line, or None when it is torn or not a row of this schema."""
+    try:
+        row, attempts = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(row, list) or len(row) != _LOG_WIDTH or not isinstance(attempts, list):
+        return None
+    if not all(isinstance(a, list) and len(a) == _ATTEMPT_WIDTH for a in attempts):
+        return None
+    return row, attempts
+
 
 class SpillFiles:
-    """`<db>.spill.jsonl` (appended while the db is busy) and its claimed replay copies."""
+    """`<db>.spill.jsonl` (appended while the db cannot be written), its claimed replay copies,
+    and `<db>.rejected.jsonl` (what can never go in, kept aside with the reason)."""
 
     def __init__(self, db_path: Path, *, fsync: bool = False):
         self.path = Path(f"{db_path}.spill.jsonl")
@@ -214,22 +294,30 @@ class SpillFiles:
         self.lock = threading.Lock()
 
     def append(self, lines: Iterable[Line]) -> int:
-        """Append rows (one JSON line per Exchange); returns how many."""
+        """Append rows (one JSON line per Exchange), all or none (OSError); returns how many."""
         text = "".join(json.dumps([row, att], separators=(",", ":")) + "\n" for row, att in lines)
         if not text:
             return 0
-        with self.lock, open(self.path, "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            if self.fsync:
-                os.fsync(f.fileno())
+        with self.lock:
+            _append(self.path, text.encode(), self.fsync)
         return text.count("\n")
 
     def reject(self, line: Line, error: str) -> None:
         """Set aside a row DuckDB refused, with the reason."""
-        entry = {"error": error, "row": line[0], "attempts": line[1]}
-        with self.lock, open(self.rejected, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, default=str) + "\n")
+        self._set_aside({"error": error, "row": line[0], "attempts": line[1]})
+
+    def set_aside(self, raw: bytes, where: str) -> None:
+        """Set aside a spill line that cannot be read (torn by a kill, or not a row)."""
+        text = raw.decode("utf-8", "replace").rstrip("\n")
+        self._set_aside({"error": f"unreadable spill line ({where})", "line": text})
+
+    def _set_aside(self, entry: dict[str, Any]) -> None:
+        text = json.dumps(entry, default=str) + "\n"
+        try:
+            with self.lock:
+                _append(self.rejected, text.encode(), self.fsync)
+        except OSError as e:  # the log is then the only place it is kept
+            log.error("spend: cannot write %s (%s); the entry: %s", self.rejected, e, text.strip())
 
     def claimed(self) -> list[Path]:
         """Replay files (`<db>.spill.<32 hex>.jsonl`), oldest first."""
@@ -245,31 +333,88 @@ class SpillFiles:
         """Anything to replay?"""
         return self.path.exists() or bool(self.claimed())
 
-    def claim(self) -> list[Path]:
-        """Rename the live spill file to a unique replay name; return all replay files."""
+    def claim(self) -> Path | None:
+        """Rename the live spill file to a unique replay name and return it (None if there is
+        none; an empty one is removed)."""
         with self.lock:
-            if self.path.exists():
-                os.replace(self.path, f"{self._stem}.{uuid.uuid4().hex}.jsonl")
-        return self.claimed()
+            try:
+                if self.path.stat().st_size == 0:
+                    self.path.unlink()
+                    return None
+            except FileNotFoundError:
+                return None
+            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            os.replace(self.path, target)
+            return target
 
     @staticmethod
     def spill_id(path: Path) -> str:
         return path.name[: -len(".jsonl")].rsplit(".", 1)[-1]
 
     @staticmethod
-    def read(path: Path) -> Iterator[Line]:
-        """The lines of a spill file; a torn last line (killed mid-write) is skipped."""
-        with open(path, encoding="utf-8") as f:
-            for n, text in enumerate(f, 1):
-                try:
-                    row, attempts = json.loads(text)
-                except (ValueError, TypeError):
-                    log.warning("spend: %s:%d: unreadable spill line skipped", path, n)
+    def read(path: Path, bad: list[tuple[int, bytes]]) -> Iterator[Line]:
+        """The rows of a spill file; lines that are torn or not rows go to `bad` as (n, line)."""
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
                     continue
-                yield row, attempts
+                line = _parse(raw)
+                if line is None:
+                    log.warning("spend: %s:%d: unreadable spill line set aside", path, n)
+                    bad.append((n, raw))
+                else:
+                    yield line
 
 
 # --- the writer ---------------------------------------------------------------------------------
+
+ON_FULL = ("refuse", "drop")
+"""What the buffer does at its cap: keep every row (the proxy refuses new requests), or drop."""
+
+
+_COUNTERS = (
+    "written",
+    "spilled",
+    "replayed",
+    "duplicates",
+    "rejected",
+    "dropped",
+    "lost",
+    "refused",
+    "flushes",
+    "busy",
+    "failures",
+)
+
+
+class SpendDbError(Exception):
+    """The spend log can never be written at `spend_db` (read-only, no permission, a directory)."""
+
+
+def check_writable(db_path: str | os.PathLike[str]) -> None:
+    """Raise SpendDbError unless the spend log can be written at `db_path`.
+
+    Creates the directory when missing, and a probe file in it. A full disk or a reader holding
+    the file is no error: the writer waits those out (rows in the spill file, or in memory).
+    """
+    if str(db_path) == ":memory:":
+        return
+    path = Path(db_path)
+    if path.is_dir():
+        raise SpendDbError(f"spend_db {path} is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mitmroute-probe-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return
+        raise SpendDbError(
+            f"spend_db {path}: cannot write in {path.parent} ({e.strerror or e})"
+        ) from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SpendDbError(f"spend_db {path}: the file is not writable")
 
 
 class _Busy(Exception):
@@ -286,18 +431,28 @@ class SpendLog:
         flush_interval: float = 0.9,
         batch_size: int = 1000,
         max_buffer: int = 100_000,
+        on_full: str = "refuse",
+        on_drop: Callable[[int], None] | None = None,
         retry_delay: float = 0.1,
+        log_interval: float = 60.0,
         prices: PriceBook | None = None,
         deployments: Iterable[Deployment] = (),
         fsync: bool = False,
         threads: int = 1,
         storage_version: str | None = "v1.1.0",
     ):
+        if on_full not in ON_FULL:
+            raise ValueError(f"on_full: expected one of {ON_FULL}, got {on_full!r}")
         self.path = Path(db_path)
         self.flush_interval = flush_interval
         self.batch_size = max(1, batch_size)
-        self.max_buffer = max_buffer
+        self.max_buffer = max(1, max_buffer)
+        """Cap of rows held in memory (queued, or waiting for the db or the spill file)."""
+        self.on_full = on_full
+        self.on_drop = on_drop
+        """Called with a count of rows that are lost (dropped at the cap, or at close)."""
         self.retry_delay = retry_delay
+        self.log_interval = log_interval
         self.config: dict[str, Any] = {"threads": threads}
         if storage_version:
             self.config["storage_compatibility_version"] = storage_version
@@ -306,30 +461,33 @@ class SpendLog:
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, Exchange]] = deque()
         self._seq = 0
+        self._late = 0
+        """Rows recorded after close() (straight to the spill file)."""
+        self._held = 0
+        """Rows in memory, queued or pending (under `_lock`): what `max_buffer` caps."""
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._pending: list[tuple[int, Line]] = []
-        self._handled = 0
-        """Highest seq that is in the db, in a spill file, or rejected."""
-        self._flushed = (0, 0)
-        """(`_handled`, `_unreplayed`) as of the end of the last flush (the file closed again)."""
-        self._unreplayed = 0
-        """Rows this process spilled that are not yet back in the db."""
+        """Rows taken from the queue and not yet in the db or a spill file, oldest first."""
+        self._flushed: tuple[int, float, int] = (0, math.inf, 0)
+        """As of the end of the last flush (file closed again): (last seq recorded, oldest seq
+        still in memory, rows of this run in spill files)."""
+        self.outcome = {"db": 0, "spill": 0, "rejected": 0, "lost": 0}
+        """Where this run's rows are; with the rows held in memory they add up to `recorded`."""
+        self._spill_mine: dict[str, int] = {}
+        """Rows of this run in each spill file, by path (to tell where they went on replay)."""
         self._queries: deque[tuple[str, Any, Future[list[tuple[Any, ...]]]]] = deque()
         self._waiters = 0
         self._schema_ready = False
         self._replay_due = False
-        self._busy_since: float | None = None
-        self._last_busy_log = 0.0
+        self._last_log: dict[str, float] = {}
+        self._troubled = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._deadline = math.inf
         self._closed = False
         self._close_result = True
-        self.stats: dict[str, Any] = {
-            "recorded": 0, "written": 0, "spilled": 0, "replayed": 0, "rejected": 0,
-            "flushes": 0, "busy": 0, "last_flush": {},
-        }  # fmt: skip
+        self.stats: dict[str, Any] = dict.fromkeys(_COUNTERS, 0) | {"last_flush": {}}
 
     # -- API called from the proxy ------------------------------------------------------------
 
@@ -350,19 +508,73 @@ class SpendLog:
         return self
 
     def record(self, exchange: Exchange) -> None:
-        """Queue one finished Exchange (O(1), never blocks; do not mutate it afterwards)."""
+        """Queue one finished Exchange (O(1), never blocks; do not mutate it afterwards).
+
+        At the cap with `on_full="drop"` the row is dropped and counted instead.
+        """
         with self._lock:
-            if not self._closed:
-                self._seq += 1
-                self._queue.append((self._seq, exchange))
-                n = len(self._queue)
-                closed = False
-            else:
+            if self._closed:
                 closed = True
+                self._late += 1
+            elif self._held < self.max_buffer or self.on_full == "refuse":
+                self._seq += 1
+                self._held += 1
+                self._queue.append((self._seq, exchange))
+                if len(self._queue) >= self.batch_size or self._held >= self.max_buffer:
+                    self._wake.set()
+                return
+            else:
+                closed = False
+                self.stats["dropped"] += 1
+                self.outcome["lost"] += 1
         if closed:
             self._record_after_close(exchange)
-        elif n >= self.batch_size:
-            self._wake.set()
+            return
+        self._note(
+            "full",
+            logging.ERROR,
+            "spend: buffer full (%d rows held, cap %d): rows are dropped (%d so far)",
+            self._held,
+            self.max_buffer,
+            self.stats["dropped"],
+        )
+        self._lost(1)
+
+    def accepting(self) -> bool:
+        """False while `max_buffer` rows are held in memory (nothing could take them)."""
+        return self._held < self.max_buffer
+
+    def refused(self) -> None:
+        """Count a request the proxy refused because the buffer is full (logged now and then)."""
+        self.stats["refused"] += 1
+        self._note(
+            "full",
+            logging.ERROR,
+            "spend: buffer full (%d rows held, cap %d): new "
+            "requests are refused with 503 until %s can be written (%d so far)",
+            self._held,
+            self.max_buffer,
+            self.path,
+            self.stats["refused"],
+        )
+
+    def summary(self) -> dict[str, int]:
+        """Where this run's rows are: recorded = db + spill + rejected + lost + held."""
+        with self._lock:
+            recorded = self._seq + self.stats["dropped"] + self._late
+            return {"recorded": recorded, **self.outcome, "held": self._held}
+
+    def describe(self) -> str:
+        """`summary()` in words, for the exit message: where every row of this run went."""
+        s = self.summary()
+        spill = f" ({self.spill.path}*, replayed at the next start)" if s["spill"] else ""
+        rejected = f" ({self.spill.rejected})" if s["rejected"] else ""
+        lost = " (buffer full, or nothing could be written)" if s["lost"] else ""
+        held = f", {s['held']} still in memory" if s["held"] else ""
+        return (
+            f"{s['recorded']} rows this run: {s['db']} in {self.path}, {s['spill']} in spill "
+            f"files{spill}, {s['rejected']} rejected{rejected}, {s['lost']} lost{lost}{held}"
+        )
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until every Exchange recorded before this call is in the db; False on timeout."""
@@ -384,8 +596,9 @@ class SpendLog:
                 self._waiters -= 1
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Flush everything and stop the thread. True if all rows reached the db; rows that could
-        not (file held by a reader until the deadline) are in the spill file for the next run."""
+        """Flush everything and stop the thread. True if every row of this run reached the db
+        (or the rejected file); `summary()` says where the others are: in the spill file for the
+        next run (file held by a reader until the deadline), or lost (nothing could be written)."""
         if self._closed:
             return self._close_result
         self.start()
@@ -401,14 +614,16 @@ class SpendLog:
             self._queue.clear()
         if self._thread.is_alive():
             log.error("spend: writer thread did not stop within %.1fs", timeout)
-            if leftovers:  # the thread no longer looks at the queue: keep these on disk
-                self.spill.append([self.rows.build(ex) for _, ex in leftovers])
+            for _, ex in leftovers:  # the thread no longer looks at the queue: keep them on disk
+                self._account(held=1)
+                self._record_after_close(ex)
             self._close_result = False
             return False
         if leftovers:  # recorded between the thread's last drain and _closed
             self._pending.extend((seq, self.rows.build(ex)) for seq, ex in leftovers)
             self._spill_pending()
-        self._close_result = self._unreplayed == 0 and not self._pending
+            self._give_up()
+        self._close_result = self.outcome["spill"] == 0 and self.outcome["lost"] == 0
         self._notify()
         return self._close_result
 
@@ -432,20 +647,50 @@ class SpendLog:
         return self._thread is not None and self._thread.is_alive()
 
     def _done(self, target: int) -> bool:
-        handled, unreplayed = self._flushed
-        return handled >= target and unreplayed == 0
+        recorded, oldest, spilled = self._flushed
+        return recorded >= target and oldest > target and spilled == 0
 
     def _notify(self) -> None:
         """End of a flush (the file is closed): publish progress and wake flush() callers."""
+        with self._lock:
+            recorded = self._seq
+            oldest = self._pending[0][0] if self._pending else math.inf
+            if self._queue:
+                oldest = min(oldest, self._queue[0][0])
         with self._progress:
-            self._flushed = (self._handled, self._unreplayed)
+            self._flushed = (recorded, oldest, self.outcome["spill"])
             self._progress.notify_all()
+
+    def _account(self, held: int = 0, **where: int) -> None:
+        """Rows of this run moved: `held` of them left memory, `where` says where to (db, spill,
+        rejected, lost; negative: moved from there). One step, so `summary()` always adds up."""
+        with self._lock:
+            self._held -= held
+            for key, n in where.items():
+                self.outcome[key] += n
+
+    def _lost(self, n: int) -> None:
+        if self.on_drop is not None:
+            try:
+                self.on_drop(n)
+            except Exception:
+                log.exception("spend: on_drop failed")
+
+    def _note(self, kind: str, level: int, msg: str, *args: Any) -> None:
+        """Log a trouble at most once per `log_interval` for each kind."""
+        now = time.monotonic()
+        last = self._last_log.get(kind)
+        if last is not None and now - last < self.log_interval:
+            return
+        self._last_log[kind] = now
+        self._troubled = self._troubled or kind != "full"
+        log.log(level, msg, *args)
 
     def _run(self) -> None:
         failed = False
         self._replay_due = self.spill.pending()
         while True:
-            # flush()/close()/query() waiting: go now (or soon after a busy file); else batch.
+            # flush()/close()/query() waiting: go now (or soon after a failure); else batch.
             urgent = bool(self._waiters or self._queries or self._stop.is_set())
             ready = bool(self._queue or self._pending or self._queries)
             if urgent and ready and not failed:
@@ -463,11 +708,11 @@ class SpendLog:
                 failed = True
             self._notify()
             if stopping:
-                idle = not self._queue and not self._pending and self._unreplayed == 0
+                idle = not self._queue and not self._pending and self.outcome["spill"] == 0
                 if idle or time.monotonic() >= self._deadline:
                     self._drain()
-                    if self._pending:
-                        self._spill_pending()
+                    self._spill_pending()
+                    self._give_up()
                     self._notify()
                     return
 
@@ -481,17 +726,17 @@ class SpendLog:
                 self._queue.clear()
             else:
                 items = [self._queue.popleft() for _ in range(limit)]
-        self.stats["recorded"] += len(items)
         for seq, ex in items:
             try:
                 self._pending.append((seq, self.rows.build(ex)))
             except Exception as e:
                 log.exception("spend: cannot convert exchange %s", getattr(ex, "request_id", "?"))
                 self.spill.reject(([getattr(ex, "request_id", None)], []), repr(e))
-                self._handled = max(self._handled, seq)
+                self.stats["rejected"] += 1
+                self._account(held=1, rejected=1)
 
     def _cycle(self, stopping: bool) -> bool:
-        """One flush: False if the file could not be opened."""
+        """One flush: False if the file could not be opened or written."""
         if not self._queue and not self._pending and not self._queries and not self._replay_due:
             self._replay_due = self.spill.path.exists()
             if not self._replay_due:
@@ -500,16 +745,17 @@ class SpendLog:
         try:
             con = self._connect()
         except _Busy:
+            self.stats["failures"] += 1
             self._drain()
             if stopping:
                 self._fail_queries()
-            # Closing: keep retrying until the deadline (then _run spills). Otherwise spill now,
-            # so that a SIGKILL while a reader holds the file loses no more than usual.
-            if self._pending and (not stopping or len(self._pending) > self.max_buffer):
+            else:  # closing keeps retrying until the deadline; otherwise spill now, so that a
+                # SIGKILL while a reader holds the file loses no more than usual
                 self._spill_pending()
             return False
         t1 = time.perf_counter()
         timing: dict[str, float] = {"open_ms": (t1 - t0) * 1000}
+        ok = True
         try:
             self._replay(con)
             rows = self._insert_pending(con)
@@ -518,24 +764,39 @@ class SpendLog:
             con.execute("CHECKPOINT")
             t3 = time.perf_counter()
             timing.update(insert_ms=(t2 - t1) * 1000, checkpoint_ms=(t3 - t2) * 1000, rows=rows)
-        except duckdb.Error as e:
-            log.warning("spend: flush to %s failed: %s", self.path, e)
-            if self._pending:
-                self._spill_pending()
+        except (duckdb.Error, OSError) as e:  # a full disk, mostly: committed batches are kept
+            ok = False
+            self.stats["failures"] += 1
+            self._note(
+                "db",
+                logging.WARNING,
+                "spend: cannot write %s (%s); rows go to %s meanwhile",
+                self.path,
+                _first_line(e),
+                self.spill.path,
+            )
+            self._drain()
+            self._spill_pending()
         finally:
             t4 = time.perf_counter()
-            con.close()
+            with contextlib.suppress(duckdb.Error):
+                con.close()
             timing["close_ms"] = (time.perf_counter() - t4) * 1000
             timing["total_ms"] = (time.perf_counter() - t0) * 1000
             self.stats["flushes"] += 1
             self.stats["last_flush"] = timing
-        return True
+        if ok and self._troubled:
+            self._troubled = False
+            log.info("spend: %s is writable again", self.path)
+        return ok
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """Open the file read-write (one retry after retry_delay); raise _Busy if impossible."""
         error: Exception | None = None
         for attempt in range(2):
             try:
+                if not self.path.exists():
+                    self._create()
                 con = duckdb.connect(str(self.path), config=self.config)
                 break
             except (duckdb.Error, OSError) as e:
@@ -545,9 +806,6 @@ class SpendLog:
         else:
             self._note_busy(error)
             raise _Busy(str(error))
-        if self._busy_since is not None:
-            log.info("spend: %s is writable again", self.path)
-            self._busy_since = None
         try:
             if not self._schema_ready:
                 schema.ensure_schema(con)
@@ -558,41 +816,71 @@ class SpendLog:
             raise _Busy(str(e)) from e
         return con
 
+    def _create(self) -> None:
+        """Create the file under a temporary name and move it into place once complete: on a
+        full disk DuckDB leaves a half-written file that it can never open again."""
+        tmp = Path(f"{self.path}.creating")
+        leftovers = (tmp, Path(f"{tmp}.wal"))
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = duckdb.connect(str(tmp), config=self.config)
+            try:
+                schema.ensure_schema(con)
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            os.replace(tmp, self.path)
+        except BaseException:
+            for p in leftovers:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise
+
     def _note_busy(self, error: Exception | None) -> None:
         self.stats["busy"] += 1
-        now = time.monotonic()
-        if self._busy_since is None:
-            self._busy_since = now
-        if now - self._last_busy_log < 60:
-            return
-        self._last_busy_log = now
-        text = str(error).splitlines()[0] if error else "?"
-        held = "lock" in text.lower()
-        log.log(
-            logging.INFO if held else logging.WARNING,
-            "spend: %s %s; rows go to %s until it can be written (%s)",
-            self.path,
-            "is held by another process" if held else "cannot be opened",
-            self.spill.path,
-            text,
-        )
+        text = _first_line(error)
+        if "lock" in text.lower():
+            self._note(
+                "busy",
+                logging.INFO,
+                "spend: %s is held by another process; rows go to %s until it lets go (%s)",
+                self.path,
+                self.spill.path,
+                text,
+            )
+        else:
+            self._note(
+                "db",
+                logging.WARNING,
+                "spend: cannot open %s (%s); rows go to %s meanwhile",
+                self.path,
+                text,
+                self.spill.path,
+            )
 
-    def _exec_batch(self, con: duckdb.DuckDBPyConnection, lines: list[Line]) -> None:
-        """Insert rows and their attempts (no transaction handling)."""
-        con.execute(_LOG_SQL, [columnar_json([r for r, _ in lines], schema.SPEND_LOG)])
-        attempts = [a for _, atts in lines for a in atts]
-        if attempts:
-            con.execute(_ATTEMPTS_SQL, [columnar_json(attempts, schema.SPEND_ATTEMPTS)])
+    def _exec_batch(self, con: duckdb.DuckDBPyConnection, lines: list[Line]) -> int:
+        """Insert the rows whose request_id is not stored yet, and their attempts (no
+        transaction handling); returns how many went in."""
+        fresh = _new_lines(con, lines)
+        if fresh:
+            con.execute(_LOG_SQL, [columnar_json([r for r, _ in fresh], schema.SPEND_LOG)])
+            attempts = [a for _, atts in fresh for a in atts]
+            if attempts:
+                con.execute(_ATTEMPTS_SQL, [columnar_json(attempts, schema.SPEND_ATTEMPTS)])
+        return len(fresh)
 
     def _insert_lines(
         self, con: duckdb.DuckDBPyConnection, lines: list[Line], *, retried: bool = False
-    ) -> int:
-        """Insert in one transaction; on a data error, row by row with rejects set aside."""
+    ) -> tuple[int, int]:
+        """Insert in one transaction; on a data error, row by row with rejects set aside.
+        Returns (rows inserted, rows skipped because they are stored already)."""
         try:
             con.execute("BEGIN")
-            self._exec_batch(con, lines)
+            inserted = self._exec_batch(con, lines)
             con.execute("COMMIT")
-            return len(lines)
+            return inserted, len(lines) - inserted
         except duckdb.CatalogException:
             _rollback(con)
             if retried:
@@ -603,8 +891,9 @@ class SpendLog:
             con.execute("ROLLBACK")
             if len(lines) == 1:
                 self._reject(lines[0], e)
-                return 0
-            return sum(self._insert_lines(con, [line]) for line in lines)
+                return 0, 0
+            counts = [self._insert_lines(con, [line]) for line in lines]
+            return sum(c[0] for c in counts), sum(c[1] for c in counts)
         except duckdb.Error:
             _rollback(con)
             raise
@@ -625,81 +914,144 @@ class SpendLog:
             if not self._pending:
                 break
             chunk = self._pending[: self.batch_size]
-            self.stats["written"] += self._insert_lines(con, [line for _, line in chunk])
+            inserted, duplicates = self._insert_lines(con, [line for _, line in chunk])
             del self._pending[: len(chunk)]
-            self._handled = max(self._handled, chunk[-1][0])
+            stored = inserted + duplicates
+            self._account(held=len(chunk), db=stored, rejected=len(chunk) - stored)
+            self.stats["written"] += stored
+            self.stats["duplicates"] += duplicates
             total += len(chunk)
         return total
 
     def _replay(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Move every spill file into the db, each exactly once."""
+        """Move every spill file into the db, each exactly once: files claimed earlier first,
+        then the live one (so a replay that keeps failing leaves one claimed file, not one per
+        flush)."""
         if not self._replay_due and not self.spill.path.exists():
             return
-        for path in self.spill.claim():
-            spill_id = self.spill.spill_id(path)
-            seen = con.execute(
-                "SELECT count(*) FROM spend_spill_replays WHERE spill_id = ?", [spill_id]
-            ).fetchone()
-            if not (seen and seen[0]):
-                try:
-                    self._replay_file(con, path, spill_id, self.spill.read(path))
-                except _DATA_ERRORS:
-                    _rollback(con)
-                    self._replay_file(con, path, spill_id, iter(self._good_lines(con, path)))
-            path.unlink(missing_ok=True)
+        for path in self.spill.claimed():
+            self._replay_one(con, path)
+        path = self.spill.claim()
+        if path is not None:
+            if (mine := self._spill_mine.pop(str(self.spill.path), 0)) > 0:
+                self._spill_mine[str(path)] = mine
+            self._replay_one(con, path)
         self._replay_due = False
-        self._unreplayed = 0
+
+    def _replay_one(self, con: duckdb.DuckDBPyConnection, path: Path) -> None:
+        spill_id = self.spill.spill_id(path)
+        mine = self._spill_mine.get(str(path), 0)
+        seen = con.execute(
+            "SELECT count(*) FROM spend_spill_replays WHERE spill_id = ?", [spill_id]
+        ).fetchone()
+        read, refused, bad = mine, 0, []  # replayed already (then deleting it was cut short)
+        if not (seen and seen[0]):
+            try:
+                read, inserted = self._replay_file(con, spill_id, self.spill.read(path, bad))
+            except _DATA_ERRORS:
+                _rollback(con)
+                bad = []
+                good, refused = self._good_lines(con, path, bad)
+                read, inserted = self._replay_file(con, spill_id, iter(good))
+            for n, raw in bad:
+                self.spill.set_aside(raw, f"{path.name}:{n}")
+            self.stats["replayed"] += inserted
+            self.stats["duplicates"] += read - inserted
+            log.info(
+                "spend: replayed %d spilled rows from %s (%d stored already, %d set aside)",
+                inserted,
+                path.name,
+                read - inserted,
+                refused + len(bad),
+            )
+        path.unlink(missing_ok=True)
+        self._spill_mine.pop(str(path), None)
+        if mine:  # this run's rows of the file are in the db now, but for those set aside
+            # (counted against rows of other runs first: exact when the file is all ours)
+            others = read + refused + len(bad) - mine
+            mine_aside = max(0, refused + len(bad) - max(0, others))
+            self._account(spill=-mine, rejected=mine_aside, db=mine - mine_aside)
 
     def _replay_file(
-        self, con: duckdb.DuckDBPyConnection, path: Path, spill_id: str, lines: Iterator[Line]
-    ) -> None:
-        """All of one spill file and its replay marker in one transaction, read in batches."""
-        total = 0
+        self, con: duckdb.DuckDBPyConnection, spill_id: str, lines: Iterator[Line]
+    ) -> tuple[int, int]:
+        """All of one spill file and its replay marker in one transaction, read in batches.
+        Returns (rows read, rows inserted: the others were stored already)."""
+        read = inserted = 0
         con.execute("BEGIN")
         try:
             while chunk := list(itertools.islice(lines, self.batch_size)):
-                self._exec_batch(con, chunk)
-                total += len(chunk)
+                inserted += self._exec_batch(con, chunk)
+                read += len(chunk)
             con.execute(
                 "INSERT INTO spend_spill_replays (spill_id, rows_replayed) VALUES (?, ?)",
-                [spill_id, total],
+                [spill_id, inserted],
             )
             con.execute("COMMIT")
         except BaseException:
             _rollback(con)
             raise
-        self.stats["replayed"] += total
-        log.info("spend: replayed %d spilled rows from %s", total, path.name)
+        return read, inserted
 
-    def _good_lines(self, con: duckdb.DuckDBPyConnection, path: Path) -> list[Line]:
-        """The lines of a spill file DuckDB accepts (each tried and rolled back); rejects aside."""
-        good = []
-        for line in self.spill.read(path):
+    def _good_lines(
+        self, con: duckdb.DuckDBPyConnection, path: Path, bad: list[tuple[int, bytes]]
+    ) -> tuple[list[Line], int]:
+        """The rows of a spill file DuckDB accepts (each tried and rolled back), and how many it
+        refused (set aside)."""
+        good, refused = [], 0
+        for line in self.spill.read(path, bad):
             con.execute("BEGIN")
             try:
                 self._exec_batch(con, [line])
                 good.append(line)
             except _DATA_ERRORS as e:
                 self._reject(line, e)
+                refused += 1
             finally:
                 _rollback(con)
-        return good
+        return good, refused
 
     def _spill_pending(self) -> None:
-        """Append every pending row to the spill file (kept in memory if that fails)."""
+        """Append the pending rows to the spill file a batch at a time; what it cannot take
+        stays in memory (up to `max_buffer`), for the next flush."""
+        while self._pending:
+            chunk = self._pending[: self.batch_size]
+            try:
+                n = self.spill.append(line for _, line in chunk)
+            except OSError as e:
+                self._note(
+                    "memory",
+                    logging.ERROR,
+                    "spend: cannot write %s either (%s): %d rows "
+                    "held in memory (cap %d), written as soon as there is room",
+                    self.spill.path,
+                    e,
+                    self._held,
+                    self.max_buffer,
+                )
+                return
+            del self._pending[: len(chunk)]
+            self._account(held=len(chunk), spill=n)
+            live = str(self.spill.path)
+            self._spill_mine[live] = self._spill_mine.get(live, 0) + n
+            self.stats["spilled"] += n
+            self._replay_due = True
+
+    def _give_up(self) -> None:
+        """Closing, and neither the db nor the spill file took these rows: they are lost."""
         if not self._pending:
             return
-        try:
-            n = self.spill.append(line for _, line in self._pending)
-        except OSError as e:
-            log.error("spend: cannot write %s (%s); %d rows kept in memory", self.spill.path, e,
-                      len(self._pending))  # fmt: skip
-            return
-        self._handled = max(self._handled, self._pending[-1][0])
+        n = len(self._pending)
         self._pending = []
-        self._unreplayed += n
-        self._replay_due = True
-        self.stats["spilled"] += n
+        self._account(held=n, lost=n)
+        self.stats["lost"] += n
+        log.error(
+            "spend: %d rows lost: neither %s nor %s could be written before the deadline",
+            n,
+            self.path,
+            self.spill.path,
+        )
+        self._lost(n)
 
     def _run_queries(self, con: duckdb.DuckDBPyConnection) -> None:
         while self._queries:
@@ -718,16 +1070,64 @@ class SpendLog:
                 fut.set_exception(RuntimeError(f"{self.path} is busy and the spend log is closing"))
 
     def _record_after_close(self, exchange: Exchange) -> None:
-        log.warning("spend: record() after close(); row %s goes to %s", exchange.request_id,
-                    self.spill.path)  # fmt: skip
+        log.warning(
+            "spend: record() after close(); row %s goes to %s", exchange.request_id, self.spill.path
+        )
         try:
-            self.spill.append([self.rows.build(exchange)])
-        except OSError as e:
+            n = self.spill.append([self.rows.build(exchange)])
+        except Exception as e:
             log.error("spend: row %s lost: %s", exchange.request_id, e)
+            self._account(lost=1)
+            self.stats["lost"] += 1
+            self._lost(1)
+            return
+        self._account(spill=n)
+        self.stats["spilled"] += n
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).splitlines()[0] if error is not None and str(error) else "?"
+
+
+def _window(starts: list[Any]) -> tuple[str, list[str]]:
+    """A `started_at` range holding every row of a batch: a stored copy of one of its rows can
+    only be there, so the lookup reads only those row groups. None when a start is unknown."""
+    try:
+        times = [datetime.fromisoformat(s) for s in starts]
+        if any(t.tzinfo is None for t in times):
+            return "", []
+        lo, hi = min(times), max(times)
+    except (TypeError, ValueError):
+        return "", []
+    return _WINDOW_SQL, [lo.isoformat(), hi.isoformat()]
+
+
+def _new_lines(con: duckdb.DuckDBPyConnection, lines: list[Line]) -> list[Line]:
+    """`lines` without those whose request_id is in spend_log already, or earlier in `lines`."""
+    ids = [row[0] for row, _ in lines if row[0] is not None]
+    if not ids:
+        return lines
+    window, params = _window([row[1] for row, _ in lines])
+    sql = _STORED_SQL.format(window=window)
+    stored = {r[0] for r in con.execute(sql, [*params, ids]).fetchall()}
+    fresh = []
+    for line in lines:
+        request_id = line[0][0]
+        if request_id is not None:
+            if request_id in stored:
+                continue
+            stored.add(request_id)
+        fresh.append(line)
+    return fresh
 
 
 _LOG_SQL = schema.insert_sql("spend_log", schema.SPEND_LOG)
 _ATTEMPTS_SQL = schema.insert_sql("spend_attempts", schema.SPEND_ATTEMPTS)
+_WINDOW_SQL = "started_at BETWEEN CAST(? AS TIMESTAMPTZ) AND CAST(? AS TIMESTAMPTZ) AND "
+_STORED_SQL = (
+    "SELECT request_id FROM spend_log WHERE {window}request_id IN "
+    "(SELECT unnest(CAST(? AS VARCHAR[])))"
+)
 _DATA_ERRORS = (
     duckdb.ConversionException,
     duckdb.InvalidInputException,
