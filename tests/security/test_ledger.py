@@ -24,6 +24,7 @@ import yaml
 from mitmproxy import exceptions, http
 from mitmproxy.test import tflow, tutils
 
+from mitmroute.addons.gate import Gate
 from mitmroute.addons.metrics import Metrics
 from mitmroute.addons.shared import Shared
 from mitmroute.addons.spend import SpendLog as SpendAddon
@@ -379,7 +380,7 @@ def general(**settings: object) -> dict[str, object]:
 
 def test_a_full_ledger_answers_503_ledger_unavailable_on_intercepted_hosts(disk: Disk) -> None:
     shared = Shared()
-    addon, metrics = SpendAddon(shared), Metrics(shared)
+    gate, addon, metrics = Gate(shared), SpendAddon(shared), Metrics(shared)
     db = disk.path / "spend.duckdb"
     shared.publish_config(parse_config(general(spend_db=str(db), spend_buffer_rows=2)))
     assert addon.writer is not None
@@ -390,6 +391,7 @@ def test_a_full_ledger_answers_503_ledger_unavailable_on_intercepted_hosts(disk:
 
         def request(host: str) -> http.HTTPFlow:
             flow = tflow.tflow(req=tutils.treq(host=host, port=443, path=b"/v1/chat/completions"))
+            gate.requestheaders(flow)  # the Gate says which hosts are intercepted
             addon.requestheaders(flow)
             return flow
 
