@@ -234,12 +234,13 @@ class CacheSettings:
 
 
 DEFAULT_MAX_REQUEST_SIZE_MB = 32.0
-DEFAULT_PASSTHROUGH_PATHS = ("/v1/*",)
+DEFAULT_PASSTHROUGH_PATHS = ("/v1/*", "/api/*")
+DEFAULT_INTERCEPT_HOSTS = ("api.openai.com", "api.anthropic.com")
 
 
 @dataclass(frozen=True, slots=True)
 class GeneralSettings:
-    intercept_hosts: tuple[str, ...] = ("api.openai.com",)
+    intercept_hosts: tuple[str, ...] = DEFAULT_INTERCEPT_HOSTS
     spend_db: str = "./spend.duckdb"
     spend_buffer_rows: int = 100_000
     """Cap of spend rows held in memory while neither the db nor its spill file can be written."""
@@ -549,7 +550,9 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
     path = "general_settings"
     g = {k: _resolve_env(v, f"{path}.{k}", environ) for k, v in _mapping(raw, path).items()}
     _warn_unknown(g, KNOWN_GENERAL_SETTINGS, path)
-    hosts = _str_list(g.get("intercept_hosts", ["api.openai.com"]), f"{path}.intercept_hosts")
+    hosts = _str_list(
+        g.get("intercept_hosts", list(DEFAULT_INTERCEPT_HOSTS)), f"{path}.intercept_hosts"
+    )
     if not hosts:
         raise ConfigError(f"{path}.intercept_hosts: must name at least one host")
     master_key = g.get("master_key")

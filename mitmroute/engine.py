@@ -109,7 +109,7 @@ class Engine:
             return Reply(
                 passthrough=True, exchange=new_exchange(request, endpoint_name(request.path))
             )
-        exchange = new_exchange(request, endpoint)
+        exchange = new_exchange(request, request.ledger_endpoint or endpoint)
         if not self._started:
             await self.start()
         ticket: CacheTicket | None = None

@@ -3,12 +3,15 @@
 Every request to an intercepted host gets exactly one of four fates, and each is a spend row:
 
 * ``route``: a model endpoint (``POST /v1/chat/completions``, ``/v1/completions``,
-  ``/v1/embeddings``) goes through the engine;
-* ``answer``: the proxy answers it itself (``GET /v1/models``, the key API ``/key/*``);
+  ``/v1/embeddings``, ``/v1/responses``, ``/v1/messages``, ``/v1/messages/count_tokens``) goes
+  through its inbound dialect to the engine;
+* ``answer``: the proxy answers it itself (``GET /v1/models``, the key API ``/key/*``, stored
+  responses: ``GET``/``DELETE /v1/responses/{id}``);
 * ``passthrough``: the explicit rule: a well-formed path matching
-  ``general_settings.passthrough_paths`` (default ``/v1/*``: OpenAI's other APIs, such as files
-  or audio) goes to the original host unchanged, as does a model the config doesn't list when
-  ``passthrough_unknown_models`` is on;
+  ``general_settings.passthrough_paths`` (default ``/v1/*`` and ``/api/*``: OpenAI's other
+  APIs, such as files or audio, and Claude Code's own ``/api/*`` calls) goes to the original
+  host unchanged, as does a model the config doesn't list when ``passthrough_unknown_models``
+  is on;
 * ``refuse``: anything else (a path outside the rule, a malformed path, a WebSocket upgrade)
   is answered with an error in the client's API shape.
 
@@ -32,10 +35,21 @@ from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS
 
 Fate = Literal["route", "answer", "passthrough", "refuse"]
 
-ROUTED = frozenset({f"/v1/{CHAT}", f"/v1/{COMPLETIONS}", f"/v1/{EMBEDDINGS}"})
+ROUTED = frozenset(
+    {
+        f"/v1/{CHAT}",
+        f"/v1/{COMPLETIONS}",
+        f"/v1/{EMBEDDINGS}",
+        "/v1/responses",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+    }
+)
 ANSWERED = frozenset({"/v1/models"})
+STORED_RESPONSES = "/v1/responses/"
+"""`GET` and `DELETE /v1/responses/{id}[/input_items]`: responses the proxy stored itself."""
 KEY_API_PREFIX = "/key/"
-DEFAULT_PASSTHROUGH = ("/v1/*",)
+DEFAULT_PASSTHROUGH = ("/v1/*", "/api/*")
 
 _SAFE_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 """Characters a canonical path may hold: RFC 3986 pchar less `%` and `;` (a decoded path
@@ -100,8 +114,11 @@ def canonical_path(target: str) -> str:
     return canonical + sep + query
 
 
-def dialect_of(host: str) -> str:
-    return "anthropic" if "anthropic" in host else "openai"
+def dialect_of(host: str, path: str = "") -> str:
+    """Whose API shape a request speaks: Anthropic's on its host or its Messages paths."""
+    if path.startswith("/v1/messages") or "anthropic" in host:
+        return "anthropic"
+    return "openai"
 
 
 def decide(
@@ -113,19 +130,22 @@ def decide(
     passthrough_paths: tuple[str, ...] = DEFAULT_PASSTHROUGH,
 ) -> Decision:
     """The fate of one request to an intercepted host."""
-    dialect = dialect_of(host)
     try:
         path = canonical_path(target)
     except BadPath as e:
-        return Decision("refuse", target, dialect, errors.bad_request(f"{e}.", code="bad_path"))
+        error = errors.bad_request(f"{e}.", code="bad_path")
+        return Decision("refuse", target, dialect_of(host), error)
     bare = path.split("?", 1)[0].rstrip("/") or "/"
+    dialect = dialect_of(host, bare)
     if websocket:
         return Decision("refuse", path, dialect, _no_websocket())
     if method == "POST" and bare in ROUTED:
         return Decision("route", path, dialect)
     if (method == "GET" and bare in ANSWERED) or bare.startswith(KEY_API_PREFIX):
         return Decision("answer", path, dialect)
-    if method not in ("CONNECT",) and any(fnmatch.fnmatchcase(bare, p) for p in passthrough_paths):
+    if method in ("GET", "DELETE") and bare.startswith(STORED_RESPONSES):
+        return Decision("answer", path, dialect)
+    if any(fnmatch.fnmatchcase(bare, p) for p in passthrough_paths):
         return Decision("passthrough", path, dialect)
     return Decision("refuse", path, dialect, _not_routed(method, bare))
 

@@ -38,6 +38,9 @@ class ClientRequest:
     host: str = ""
     port: int = 443
     """Where the client meant the request to go (the intercepted host)."""
+    ledger_endpoint: str | None = None
+    """What the client called, as the spend log names it, when an inbound dialect translated
+    the request (`responses`, `messages`); None: the path's own endpoint."""
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
 from mitmroute.engine import Engine
+from mitmroute.inbound import inbound_for
 from mitmroute.request import Reply
 from mitmroute.spend.tokens import warm_up
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
@@ -122,7 +123,8 @@ class Router:
         engine = self.engine
         if engine is None:
             return  # no config: the Seal answers 500, nothing goes out unrouted
-        reply = await engine.handle(flows.client_request(flow))
+        request = flows.client_request(flow)
+        reply = await inbound_for(request.path).handle(engine, request)
         if reply.exchange is not None:
             flow.metadata[RECORDED_KEY] = True
         if reply.passthrough:

@@ -126,7 +126,7 @@ def test_retry_policy_per_error_class():
 
 def test_defaults_without_a_file():
     config = load_config(None)
-    assert config.general.intercept_hosts == ("api.openai.com",)
+    assert config.general.intercept_hosts == ("api.openai.com", "api.anthropic.com")
     assert config.general.spend_db == "./spend.duckdb"
     assert config.general.passthrough_unknown_models is True
     assert config.router.cooldown_time == 5.0

@@ -16,6 +16,7 @@ import pytest
 from mitmproxy.test import tflow
 
 from mitmroute.addons.auth import KeyAuth
+from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.router import IDENTITY_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth import open_backend
@@ -26,6 +27,7 @@ from mitmroute.auth.limits import NANOS, Policy, RedisLimiter, usd_to_nanos
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import ConfigError, parse_config
 from mitmroute.exchange import Exchange
+from mitmroute.gate import decide
 from mitmroute.redis_client import connect
 from mitmroute.spend import SpendLog
 from tests.redis_process import RedisProcess
@@ -407,6 +409,7 @@ async def test_a_reload_that_moves_limits_to_redis_keeps_the_keys(tmp_path, own_
     request.host, request.path = "api.openai.com", "/v1/models"
     request.headers["authorization"] = f"Bearer {made['key']}"
     flow = tflow.tflow(req=request)
+    flow.metadata[GATE_KEY] = decide("GET", "/v1/models", "api.openai.com")
     await auth.request(flow)
     assert flow.response is None and IDENTITY_KEY in flow.metadata
     await auth.done()
