@@ -2,9 +2,11 @@
 
 The router answers intercepted requests itself; only a request it passes through (an unknown
 model, with `passthrough_unknown_models`) reaches the original host. Whatever else would open a
-connection there (a tunnel `ignore_hosts` passes through raw, which has no flow to refuse; an
-eager CONNECT outside one) is refused in `server_connect`, before any byte is sent: the
-connection is allowed only while an HTTP flow is in flight on the same client connection.
+connection there is refused in `server_connect`, before any byte is sent: a relay with no flow
+to refuse (a connection `ignore_hosts` or a `tls_clienthello` addon passes through raw, in a
+mode TunnelGuard leaves to mitmproxy), or one a future mitmproxy layer makes. A connection to
+an intercepted host is allowed only while an HTTP flow (CONNECT included) is in flight on the
+same client connection.
 """
 
 from __future__ import annotations
