@@ -24,6 +24,7 @@ from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers import DNSLayer, TCPLayer, UDPLayer
 
 from mitmroute.addons.connections import hang_up, last_activity, peer
+from mitmroute.addons.guard import fail_closed
 from mitmroute.client_deadlines import DEFAULT_HEADER, DEFAULT_IDLE, Limits, Reason, overdue
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Wait:
             self.timer = None
 
 
+@fail_closed
 class ClientTimeouts:
     def __init__(self) -> None:
         self.limits = Limits()

@@ -18,6 +18,7 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from mitmroute.addons.connections import address_host, peer
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.hosts import intercepted_hosts
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_KEY = "mitmroute.dials.in_flight"
 
 
+@fail_closed
 class DialGuard:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared

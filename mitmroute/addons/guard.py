@@ -73,6 +73,9 @@ def _failed(addon: Any, hook: str, args: tuple[Any, ...], error: Exception) -> N
         raise exceptions.OptionsError(f"mitmroute: {addon_name}: {error}") from error
     log.error("mitmroute: %s.%s failed: %r", addon_name, hook, error, exc_info=error)
     target = args[0] if args else None
+    if hook == "server_connect" and target is not None:
+        target.server.error = f"mitmroute: {addon_name}.server_connect failed"  # no dial
+        return
     if not isinstance(target, flow.Flow) or not target.live:
         return
     if isinstance(target, http.HTTPFlow) and hook in BEFORE_RESPONSE:

@@ -28,6 +28,7 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
 from mitmroute.addons.connections import address_host, hang_up, peer
+from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.hosts import intercepted_hosts
 
@@ -38,6 +39,7 @@ REFUSED_KEY = "mitmroute.tunnels.refused"
 MODES_THAT_DECIDE = (modes.HttpProxy, modes.HttpUpstreamProxy, modes.ReverseProxy)
 
 
+@fail_closed
 class TunnelGuard:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
