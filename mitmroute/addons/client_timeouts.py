@@ -73,7 +73,7 @@ class ClientTimeouts:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if not updated.intersection(OPTIONS):
+        if not any(name in updated for name in OPTIONS):
             return
         for name in OPTIONS:
             if (value := getattr(ctx.options, name)) < 0:
