@@ -27,7 +27,7 @@ from mitmproxy import http
 from mitmroute.addons import flows
 from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.guard import fail_closed
-from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
+from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth import AuthBackend, RedisDown, location, open_backend
 from mitmroute.auth.key_api import Caller, KeyAdmin, handle, key_route
@@ -277,8 +277,6 @@ class KeyAuth:
         if reservation is None:
             return
         exchange = flow.metadata.get(EXCHANGE_KEY)
-        if exchange is None:  # passed through: the Router finishes it after this hook
-            exchange = getattr(flow.metadata.get(PASSTHROUGH_KEY), "exchange", None)
         if isinstance(exchange, Exchange) and exchange.ended_at is None:
             now = time.monotonic()
             self.pending[exchange.request_id] = (now, reservation)

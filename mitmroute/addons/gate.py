@@ -120,8 +120,8 @@ class Seal:
         decision: Decision | None = flow.metadata.get(flows.GATE_KEY)
         if decision is None or flow.response or flow.error or not flow.live:
             return
-        if flow.metadata.get(flows.RELAY_KEY) or flow.metadata.get(flows.PASSTHROUGH_KEY):
-            return  # routed as a stream, or passed through by the rule (and on the ledger)
+        if flow.metadata.get(flows.RELAY_KEY):
+            return  # a stream: routed, or passed through by the rule, from the relay
         log.error(
             "mitmroute: %s %s was left unrouted by every addon: answered 500",
             flow.request.method,

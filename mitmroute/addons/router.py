@@ -15,12 +15,12 @@ import sys
 
 from mitmproxy import ctx, exceptions, http
 
+from mitmroute import errors
 from mitmroute.addons import flows
 from mitmroute.addons.flows import (
     EXCHANGE_KEY,
     GATE_KEY,
     IDENTITY_KEY,
-    PASSTHROUGH_KEY,
     RECORDED_KEY,
     RELAY_KEY,
 )
@@ -28,15 +28,17 @@ from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.shared import Shared
 from mitmroute.config import ConfigError, default_config_path, load_config
 from mitmroute.engine import Engine
+from mitmroute.errors import ProxyError
+from mitmroute.exchange import Usage
 from mitmroute.inbound import inbound_for
-from mitmroute.request import Reply
+from mitmroute.passthrough import Passthrough
+from mitmroute.request import JSON_HEADERS, ClientRequest, Reply
 from mitmroute.spend.tokens import warm_up
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
-from mitmroute.streaming.tap import PassthroughTap
 
 log = logging.getLogger("mitmroute")
 
-__all__ = ["EXCHANGE_KEY", "IDENTITY_KEY", "PASSTHROUGH_KEY", "RELAY_KEY", "Router"]
+__all__ = ["EXCHANGE_KEY", "IDENTITY_KEY", "RELAY_KEY", "Router"]
 RETIRE_GRACE = 120.0
 """Seconds a replaced engine keeps its upstream session for requests in flight."""
 
@@ -47,6 +49,7 @@ class Router:
         self.shared = shared or Shared()
         self.engine: Engine | None = None
         self.relay = StreamRelay()
+        self.passthrough = Passthrough()
         self.is_running = False
         self.loaded_from: str | None = None
         self.retired: set[Engine] = set()
@@ -112,6 +115,7 @@ class Router:
 
     async def done(self) -> None:
         await self.relay.close()
+        await self.passthrough.close()
         for engine in [self.engine, *self.retired]:
             if engine is not None:
                 await engine.close()
@@ -128,10 +132,30 @@ class Router:
         if reply.exchange is not None:
             flow.metadata[RECORDED_KEY] = True
         if reply.passthrough:
-            if reply.exchange is not None:
-                flow.metadata[PASSTHROUGH_KEY] = PassthroughTap(reply.exchange)
-            return
+            reply = await self._pass_through(engine, request, reply, flows.dialect(flow))
         await self._respond(flow, reply)
+
+    async def _pass_through(
+        self, engine: Engine, request: ClientRequest, reply: Reply, dialect: str
+    ) -> Reply:
+        """The passthrough rule: the proxy sends the request on to its original host itself."""
+        exchange = reply.exchange
+        assert exchange is not None
+
+        def finish(status: int, usage: Usage | None, size: int, error: str | None) -> None:
+            exchange.error_type = error or exchange.error_type
+            engine.finish_passthrough(exchange, status, None, usage)
+
+        timeout = engine.config.router.timeout
+        try:
+            forwarded = await self.passthrough.forward(request, timeout, finish)
+        except ProxyError as e:
+            exchange.error_type = e.code
+            engine.finish_passthrough(exchange, e.status, None, None)
+            headers = {**JSON_HEADERS, "x-mitmroute-request-id": exchange.request_id}
+            return Reply(e.status, headers, errors.render(e, dialect), exchange=exchange)
+        headers = {**forwarded.headers, "x-mitmroute-request-id": exchange.request_id}
+        return Reply(forwarded.status, headers, stream=forwarded.body, exchange=exchange)
 
     async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
         flow.metadata[EXCHANGE_KEY] = reply.exchange
@@ -148,42 +172,9 @@ class Router:
         flow.request.content = b""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is None:
-            return
-        if flow.metadata.get(RELAY_KEY):
+        if flow.response is not None and flow.metadata.get(RELAY_KEY):
             flow.response.stream = True
-        elif (tap := flow.metadata.get(PASSTHROUGH_KEY)) and not _small_json(flow.response):
-            if "event-stream" in flow.response.headers.get("content-type", ""):
-                flow.response.stream = tap.observe  # incremental; usage is read on the way
-            else:
-                flow.response.stream = True  # a download, say: never held in memory
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
-        if tap is None or self.engine is None or flow.response is None:
-            return
-        body = None if flow.response.stream else flow.response.get_content(strict=False)
-        self.engine.finish_passthrough(tap.exchange, flow.response.status_code, body, tap.usage)
 
     async def error(self, flow: http.HTTPFlow) -> None:
         if path := flow.metadata.pop(RELAY_KEY, None):
             await self.relay.abandon(path)
-        tap: PassthroughTap | None = flow.metadata.pop(PASSTHROUGH_KEY, None)
-        if tap is None or self.engine is None:
-            return
-        tap.exchange.error_type = "passthrough_failed"
-        self.engine.finish_passthrough(tap.exchange, 502, None, None)
-
-
-PASSTHROUGH_JSON_LIMIT = 1024 * 1024
-"""A passed-through JSON answer up to this size is read whole for its usage; anything else
-(streams, downloads) flows through incrementally."""
-
-
-def _small_json(response: http.Response) -> bool:
-    length = response.headers.get("content-length", "")
-    return (
-        "json" in response.headers.get("content-type", "")
-        and length.isdigit()
-        and int(length) <= PASSTHROUGH_JSON_LIMIT
-    )

@@ -19,16 +19,17 @@ from mitmroute.inbound.responses import ResponsesInbound
 __all__ = ["Inbound", "inbound_for"]
 
 _OPENAI = OpenAIInbound()
-_BY_PREFIX: tuple[tuple[str, Inbound], ...] = (
-    ("/v1/responses", ResponsesInbound()),
-    ("/v1/messages", MessagesInbound()),
-)
+_RESPONSES = ResponsesInbound()
+_MESSAGES = MessagesInbound()
+MESSAGES_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
 def inbound_for(path: str) -> Inbound:
-    """The dialect a (canonical) request path speaks."""
+    """The dialect a (canonical) request path speaks; other paths of Anthropic's API (batches,
+    models, ...) are the engine's, which passes them through by the gate's rule."""
     bare = path.split("?", 1)[0]
-    for prefix, inbound in _BY_PREFIX:
-        if bare == prefix or bare.startswith(prefix + "/"):
-            return inbound
+    if bare == "/v1/responses" or bare.startswith("/v1/responses/"):
+        return _RESPONSES
+    if bare in MESSAGES_PATHS:
+        return _MESSAGES
     return _OPENAI

@@ -19,7 +19,7 @@ import duckdb
 import pytest
 
 from mitmroute.gate import BadPath, canonical_path, decide
-from tests.conftest import deployment
+from tests.conftest import deployment, free_port
 from tests.fakes.origin import Origin
 
 SPELLINGS = [
@@ -138,7 +138,20 @@ def raw_request(proxy, origin: Origin, target: str, body: bytes, headers: dict[s
 def status_and_json(data: bytes) -> tuple[int, dict]:
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        body = dechunk(body)
     return status, json.loads(body) if body.strip() else {}
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out, body = out + body[:size], body[size + 2 :]
+    return out
 
 
 def test_path_spellings_are_routed_and_logged_never_sent_to_the_original_host(gated, origin):
@@ -309,3 +322,38 @@ def test_a_host_spelling_does_not_skip_the_key_check(start_proxy, backend):
         resp = http.post("https://api.openai.com/v1/chat/completions", json=chat())
     assert resp.status_code == 401, resp.text
     assert resp.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_an_unreachable_original_host_is_an_error_in_the_clients_shape_not_an_html_page(
+    gated, start_proxy, backend
+):
+    proxy = gated()
+    closed = free_port()  # nothing listens here: the original host is down
+    with proxy.http() as http:
+        openai_style = http.get(f"http://127.0.0.1:{closed}/v1/files")
+        anthropic_style = http.get(f"http://127.0.0.1:{closed}/v1/messages/batches")
+    assert openai_style.status_code == 502
+    assert openai_style.json()["error"]["code"] == "upstream_unreachable"
+    assert anthropic_style.status_code == 502
+    assert anthropic_style.json()["type"] == "error"
+    assert anthropic_style.json()["error"]["type"] == "api_error"
+    logged = spend_rows(proxy, "select endpoint, status_code, error_type from spend_log")
+    assert sorted(logged) == [
+        ("files", 502, "upstream_unreachable"),
+        ("messages/batches", 502, "upstream_unreachable"),
+    ]
+
+
+def test_a_passed_through_answer_arrives_unchanged_and_is_logged(gated, origin):
+    proxy = gated()
+    with proxy.http() as http:
+        resp = http.post(f"{origin.url}/v1/files?purpose=x", content=b"abc",
+                         headers={"authorization": "Bearer sk-app", "x-custom": "1"})  # fmt: skip
+    assert resp.status_code == 200 and resp.headers["x-origin"] == "1"
+    assert resp.json() == {"object": "origin", "path": "/v1/files?purpose=x"}
+    seen = origin.seen[0]
+    assert (seen.method, seen.path, seen.body) == ("POST", "/v1/files?purpose=x", b"abc")
+    assert seen.headers["Authorization"] == "Bearer sk-app"  # the rule: unchanged, key included
+    assert seen.headers["x-custom"] == "1"
+    logged = spend_rows(proxy, "select endpoint, deployment, status_code from spend_log")
+    assert logged == [("files", "passthrough/files", 200)]

@@ -7,7 +7,6 @@ import json
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
-from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http
@@ -15,7 +14,7 @@ from mitmproxy.test import tflow
 
 from mitmroute.addons.auth import RESERVATION_KEY, KeyAuth
 from mitmroute.addons.flows import GATE_KEY
-from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY, PASSTHROUGH_KEY
+from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY
 from mitmroute.addons.shared import Shared
 from mitmroute.auth.keys import hash_key
 from mitmroute.config import parse_config
@@ -141,8 +140,8 @@ async def test_a_passed_through_request_is_settled_when_the_router_finishes_it()
     flow = make_flow(await make_key(auth, max_budget=1))
     await auth.request(flow)
     exchange = Exchange("mr-3", datetime.now(UTC), "chat/completions")
-    flow.metadata[PASSTHROUGH_KEY] = SimpleNamespace(exchange=exchange)
-    auth.response(flow)  # runs before the Router's, which finishes the exchange
+    flow.metadata[EXCHANGE_KEY] = exchange  # passed through: still streaming from the relay
+    auth.response(flow)
     exchange.ended_at, exchange.cost_usd = datetime.now(UTC), Decimal("0.125")
     shared.publish_exchange(exchange)
     await asyncio.sleep(0)
