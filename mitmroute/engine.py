@@ -32,6 +32,7 @@ from mitmroute.cache.ticket import CacheTicket
 from mitmroute.config import Deployment, RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange, Usage
+from mitmroute.money import Pricing
 from mitmroute.providers import CHAT, COMPLETIONS, EMBEDDINGS
 from mitmroute.request import (
     JSON_HEADERS,
@@ -55,7 +56,7 @@ from mitmroute.routing.ladder import (
 )
 from mitmroute.routing.limits import DeploymentLimits
 from mitmroute.routing.picker import DeploymentPicker
-from mitmroute.spend import PriceBook, estimate_prompt_tokens, estimate_text_tokens
+from mitmroute.spend import estimate_prompt_tokens, estimate_text_tokens
 from mitmroute.streaming.pipe import pipe_stream
 from mitmroute.streaming.sse import ChunkAssembler
 from mitmroute.upstream import Answer, Upstream
@@ -74,7 +75,7 @@ class Engine:
         self.picker = DeploymentPicker(self.cooldowns, self.limits.at_limit)
         self.listeners: list[Callable[[Exchange], None]] = []
         """Called once per finished exchange (spend log, metrics, budgets)."""
-        self.prices = PriceBook.load(config.general.price_file)
+        self.pricing = Pricing.for_config(config)
         self.upstream = Upstream(config)
         self._started = False
         self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
@@ -492,7 +493,7 @@ class Engine:
             self.limits.used(deployment, exchange.usage.total_tokens)
         if exchange.usage is not None and not exchange.cache_hit and exchange.provider:
             model = deployment.model if deployment else exchange.requested_model or ""
-            exchange.cost_usd = self.prices.cost(
+            exchange.cost_usd = self.pricing.cost(
                 exchange.provider, model, exchange.usage, deployment
             )
         for listener in self.listeners:

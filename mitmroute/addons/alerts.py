@@ -32,7 +32,6 @@ class Alerts:
         self.rules: list[SpendRule] = []
         self.slow: SlowAlerts | None = None
         self.cooldowns = CooldownAlerts()
-        self.estimator: CostEstimator | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         shared.config_listeners.append(self.configured)
         shared.listeners.append(self.exchange_done)
@@ -45,7 +44,7 @@ class Alerts:
             self._close(self.poster)
             self.poster = None
         if url is None:
-            self.rules, self.slow, self.estimator = [], None, None
+            self.rules, self.slow = [], None
             return
         if self.poster is None:
             self.poster = WebhookPoster(url)
@@ -58,7 +57,6 @@ class Alerts:
         self.rules = rules
         threshold = config.general.alerting_threshold
         self.slow = SlowAlerts(threshold) if threshold else None
-        self.estimator = CostEstimator(config) if rules else None
 
     async def done(self) -> None:
         if self.poster is not None:
@@ -73,9 +71,9 @@ class Alerts:
             return
         if self.slow is not None and (text := self.slow.exchange(exchange)):
             self.poster.post(text)
-        if not self.rules or self.estimator is None:
+        if not self.rules:
             return
-        cost, now = self.estimator.cost(exchange), time.monotonic()
+        cost, now = CostEstimator.cost(exchange), time.monotonic()
         for rule in self.rules:
             if rule.matches(exchange) and (text := rule.add(cost, now)):
                 self.poster.post(text)

@@ -24,7 +24,6 @@ class Metrics:
         self.server = MetricsServer(self.metrics.registry)
         self.port: int | None = None
         self.cache_enabled = False
-        self.estimator: CostEstimator | None = None
         shared.config_listeners.append(self.configured)
         shared.listeners.append(self.exchange_done)
         shared.cooldown_listeners.append(self.metrics.cooldown)
@@ -33,15 +32,16 @@ class Metrics:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "metrics_host", str, "",
+            "metrics_host",
+            str,
+            "",
             "Address of the Prometheus /metrics page (port: general_settings.metrics_port). "
             "Default: all interfaces.",
-        )  # fmt: skip
+        )
 
     def configured(self, config: RouterConfig) -> None:
         self.port = metrics_port(config)
         self.cache_enabled = config.cache.enabled
-        self.estimator = CostEstimator(config) if self.port is not None else None
 
     def configure(self, updated: set[str]) -> None:
         self.server.serve(self.port, ctx.options.metrics_host)
@@ -52,5 +52,4 @@ class Metrics:
     def exchange_done(self, exchange: Exchange) -> None:
         if self.port is None:
             return
-        cost = self.estimator.cost(exchange) if self.estimator is not None else exchange.cost_usd
-        self.metrics.exchange(exchange, cost, self.cache_enabled)
+        self.metrics.exchange(exchange, CostEstimator.cost(exchange), self.cache_enabled)

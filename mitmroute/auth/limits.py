@@ -42,11 +42,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import parse_duration
+from mitmroute.money import Pricing
 
 if TYPE_CHECKING:
     from mitmroute.auth.keys import KeyRecord, KeysDB
     from mitmroute.auth.ledger import Ledger
-    from mitmroute.config import Deployment, GeneralSettings, RouterConfig
+    from mitmroute.config import GeneralSettings, RouterConfig
     from mitmroute.exchange import Exchange
 
 log = logging.getLogger("mitmroute.auth")
@@ -727,50 +728,31 @@ def _window_start(policy: Policy, window: int) -> float:
 # --- estimating and pricing ------------------------------------------------------------------
 
 
-def _price_book(config: RouterConfig) -> Any:
-    """The spend feature's PriceBook when it loads; None falls back to deployment prices."""
-    try:
-        from mitmroute.spend.pricing import PriceBook
-
-        return PriceBook.load(config.general.price_file)
-    except Exception as e:  # a broken price file is reported by the spend log, not here
-        log.debug("auth: no price book (%s); using deployment prices only", e)
-        return None
-
-
-def _deployment_rates(book: Any, d: Deployment) -> tuple[Decimal, Decimal]:
-    if book is not None:
-        try:
-            rates = book.rates(d.provider, d.model, d)
-        except Exception:
-            rates = None
-        if rates is not None:
-            return Decimal(rates.input or 0), Decimal(rates.output or 0)
-    return (Decimal(str(d.input_cost_per_token or 0)),
-            Decimal(str(d.output_cost_per_token or 0)))  # fmt: skip
-
-
 class CostEstimator:
-    """Prices a request before it runs (to reserve budget) and after (when the exchange
-    carries no `cost_usd`)."""
+    """Prices a request before it runs, to reserve budget; after it ran, the engine's cost
+    (`exchange.cost_usd`, from mitmroute.money) is the one that counts."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.book = _price_book(config)
-        self._by_id = {(d.litellm_model, d.api_base): d for d in config.deployments}
-        rates = {d.id: _deployment_rates(self.book, d) for d in config.deployments}
+        pricing = Pricing.for_config(config)
+        rates = {d.id: pricing.rates(d) for d in config.deployments}
         groups = config.groups()
         settings = config.router
         self._rates: dict[str, tuple[Decimal, Decimal]] = {}
         for group in groups:
             reachable = {group}
-            for ladder in (settings.fallbacks, settings.context_window_fallbacks,
-                           settings.content_policy_fallbacks):  # fmt: skip
+            for ladder in (
+                settings.fallbacks,
+                settings.context_window_fallbacks,
+                settings.content_policy_fallbacks,
+            ):
                 targets = [*ladder.get(group, []), *ladder.get("*", [])]
                 reachable.update(settings.model_group_alias.get(t, t) for t in targets)
             found = [rates[d.id] for g in reachable for d in groups.get(g, [])]
-            self._rates[group] = (max((r[0] for r in found), default=Decimal(0)),
-                                  max((r[1] for r in found), default=Decimal(0)))  # fmt: skip
+            self._rates[group] = (
+                max((r[0] for r in found), default=Decimal(0)),
+                max((r[1] for r in found), default=Decimal(0)),
+            )
 
     def group_of(self, model: str) -> str:
         return self.config.router.model_group_alias.get(model, model)
@@ -790,21 +772,7 @@ class CostEstimator:
             output *= n if isinstance(n, int) and n > 1 else 1
         return usd_to_nanos(prompt * in_rate + output * out_rate)
 
-    def cost(self, exchange: Exchange) -> Decimal:
-        """The exchange's `cost_usd`; else its usage priced here; else 0."""
-        if exchange.cost_usd is not None:
-            return exchange.cost_usd
-        if exchange.cache_hit or exchange.usage is None or not exchange.deployment:
-            return Decimal(0)
-        d = self._by_id.get((exchange.deployment, exchange.api_base or ""))
-        if d is None:
-            return Decimal(0)
-        if self.book is not None:
-            try:
-                cost = self.book.cost(d.provider, d.model, exchange.usage, d)
-            except Exception:
-                cost = None
-            return cost if cost is not None else Decimal(0)
-        in_rate, out_rate = _deployment_rates(None, d)
-        usage = exchange.usage
-        return usage.prompt_tokens * in_rate + usage.completion_tokens * out_rate
+    @staticmethod
+    def cost(exchange: Exchange) -> Decimal:
+        """What the exchange cost, as the engine priced it (0 when unpriced or a cache hit)."""
+        return exchange.cost_usd if exchange.cost_usd is not None else Decimal(0)

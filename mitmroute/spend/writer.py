@@ -101,9 +101,7 @@ import duckdb
 from mitmroute.spend import schema
 
 if TYPE_CHECKING:
-    from mitmroute.config import Deployment
     from mitmroute.exchange import Exchange
-    from mitmroute.spend.pricing import PriceBook
 
 log = logging.getLogger(__name__)
 
@@ -150,29 +148,11 @@ def _float(value: float | None) -> float | None:
 class RowBuilder:
     """Turns an Exchange into spend_log / spend_attempts rows (runs on the writer thread).
 
-    With a PriceBook, a row whose `cost_usd` (or, for a cache hit, `saved_usd`) is None gets
-    it computed here, off the event loop; deployments are matched by (litellm model, api_base).
-    """
-
-    def __init__(self, prices: PriceBook | None = None, deployments: Iterable[Deployment] = ()):
-        self.prices = prices
-        self.deployments = {(d.litellm_model, d.api_base): d for d in deployments}
-
-    def _price(self, ex: Exchange) -> Decimal | None:
-        if self.prices is None or ex.usage is None:
-            return None
-        dep = self.deployments.get((ex.deployment or "", ex.api_base or ""))
-        model = (ex.deployment or ex.requested_model or "").split("/", 1)[-1]
-        provider = ex.provider or (dep.provider if dep else "")
-        return self.prices.cost(provider, dep.model if dep else model, ex.usage, dep)
+    Costs are the engine's (`exchange.cost_usd`, `saved_usd`): the ledger prices nothing."""
 
     def build(self, ex: Exchange) -> Line:
         u = ex.usage
         cost, saved = ex.cost_usd, ex.saved_usd
-        if ex.cache_hit and saved is None and self.prices is not None:
-            saved = self._price(ex)
-        elif not ex.cache_hit and cost is None and self.prices is not None:
-            cost = self._price(ex)
         metadata = (
             json.dumps(ex.metadata, default=str, separators=(",", ":")) if ex.metadata else None
         )
@@ -435,8 +415,6 @@ class SpendLog:
         on_drop: Callable[[int], None] | None = None,
         retry_delay: float = 0.1,
         log_interval: float = 60.0,
-        prices: PriceBook | None = None,
-        deployments: Iterable[Deployment] = (),
         fsync: bool = False,
         threads: int = 1,
         storage_version: str | None = "v1.1.0",
@@ -456,7 +434,7 @@ class SpendLog:
         self.config: dict[str, Any] = {"threads": threads}
         if storage_version:
             self.config["storage_compatibility_version"] = storage_version
-        self.rows = RowBuilder(prices, deployments)
+        self.rows = RowBuilder()
         self.spill = SpillFiles(self.path, fsync=fsync)
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, Exchange]] = deque()

@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from mitmroute.exchange import Attempt, Exchange, Usage
-from mitmroute.spend import PriceBook, SpendLog
+from mitmroute.spend import SpendLog
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -275,15 +275,16 @@ def test_rows_duckdb_refuses_go_to_rejected_file(db: Path) -> None:
     assert [r["row"][0] for r in rejected] == ["req-1"]
 
 
-def test_price_book_fills_missing_cost(db: Path) -> None:
-    log = SpendLog(db, flush_interval=0.05, prices=PriceBook.load()).start()
+def test_the_ledger_prices_nothing_itself(db: Path) -> None:
+    """Cost is the engine's (mitmroute.money); a row without one stays NULL, never re-priced."""
+    log = SpendLog(db, flush_interval=0.05).start()
     usage = Usage(prompt_tokens=1234, completion_tokens=56, cached_tokens=1000)
     log.record(make(0, cost_usd=None, usage=usage))
-    log.record(make(1, cost_usd=None, usage=usage, cache_hit=True, saved_usd=None))
+    log.record(make(1, cost_usd=Decimal("0.002395"), usage=usage))
     assert log.close()
     with ro(db) as con:
-        got = con.execute("SELECT cost_usd, saved_usd FROM spend_log ORDER BY request_id")
-        assert got.fetchall() == [(Decimal("0.002395"), None), (None, Decimal("0.002395"))]
+        got = con.execute("SELECT cost_usd FROM spend_log ORDER BY request_id")
+        assert got.fetchall() == [(None,), (Decimal("0.002395"),)]
 
 
 CHILD = """

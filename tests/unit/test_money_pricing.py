@@ -11,7 +11,7 @@ import pytest
 
 from mitmroute.config import Deployment
 from mitmroute.exchange import Usage
-from mitmroute.spend.pricing import PriceBook, PriceError
+from mitmroute.money.pricing import PriceBook, PriceError
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_bad_price_file_is_an_error(tmp_path: Path) -> None:
 
 def test_unknown_model_is_none_with_a_single_warning(caplog: pytest.LogCaptureFixture) -> None:
     book = PriceBook.load()
-    caplog.set_level(logging.WARNING, logger="mitmroute.spend.pricing")
+    caplog.set_level(logging.WARNING, logger="mitmroute.money.pricing")
     for _ in range(5):
         assert book.cost("openai", "mystery-model", Usage(prompt_tokens=5)) is None
     assert book.cost("groq", "another", Usage(prompt_tokens=5)) is None
@@ -146,3 +146,38 @@ def test_builtin_table_covers_the_required_models(book: PriceBook) -> None:
         assert rates is not None, model
         assert rates.input and rates.input > 0 and rates.output is not None, model
         assert rates.cache_read is not None and rates.cache_read <= rates.input, model
+
+
+def test_an_embedding_deployment_priced_only_by_input_is_priced_not_null():
+    from mitmroute.config import parse_config
+    from mitmroute.money import Pricing
+
+    config = parse_config(
+        {
+            "model_list": [
+                {
+                    "model_name": "embed",
+                    "litellm_params": {
+                        "model": "openai/house-embedder",
+                        "api_base": "http://127.0.0.1:9/v1",
+                        "input_cost_per_token": 0.0000001,
+                    },
+                }
+            ]
+        }
+    )
+    deployment = config.deployments[0]
+    pricing = Pricing.for_config(config)
+    cost = pricing.cost("openai", "house-embedder", Usage(prompt_tokens=1000), deployment)
+    assert cost == Decimal("0.0001")
+    # an unknown output rate still leaves a completion unpriced: it would multiply tokens
+    assert pricing.cost("openai", "house-embedder", Usage(10, 5), deployment) is None
+
+
+def test_one_price_book_per_config():
+    from mitmroute.config import parse_config
+    from mitmroute.money import Pricing
+
+    config = parse_config({})
+    assert Pricing.for_config(config) is Pricing.for_config(config)
+    assert Pricing.for_config(parse_config({})) is not Pricing.for_config(config)

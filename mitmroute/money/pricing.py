@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from decimal import Context, Decimal, InvalidOperation, localcontext
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from mitmroute.config import Deployment
+    from mitmroute.config import Deployment, RouterConfig
     from mitmroute.exchange import Usage
 
 log = logging.getLogger(__name__)
@@ -218,7 +218,7 @@ class PriceBook:
 
     @classmethod
     def builtin(cls) -> PriceTable:
-        text = resources.files("mitmroute.spend").joinpath("prices.json").read_text()
+        text = resources.files("mitmroute.money").joinpath("prices.json").read_text()
         return PriceTable.parse(json.loads(text), "prices.json")
 
     @classmethod
@@ -240,6 +240,10 @@ class PriceBook:
         self, provider: str, model: str, deployment: Deployment | None = None
     ) -> Rates | None:
         """The merged rates for this request, or None when input/output rates are unknown."""
+        merged = self._merged(provider, model, deployment)
+        return merged if merged.complete else None
+
+    def _merged(self, provider: str, model: str, deployment: Deployment | None) -> Rates:
         merged = _deployment_rates(deployment) or Rates()
         if deployment is not None:
             provider = provider or deployment.provider
@@ -248,14 +252,19 @@ class PriceBook:
             if merged.complete and merged.cache_read is not None and merged.cache_write is not None:
                 break
             merged = merged.over(table.lookup(provider, model))
-        return merged if merged.complete else None
+        return merged
 
     def cost(
         self, provider: str, model: str, usage: Usage, deployment: Deployment | None = None
     ) -> Decimal | None:
-        """Exact USD cost of `usage`, or None (and one warning per model) when unpriced."""
-        rates = self.rates(provider, model, deployment)
-        if rates is None:
+        """Exact USD cost of `usage`, or None (and one warning per model) when unpriced.
+
+        A rate that is unknown but multiplies no tokens (the output rate of an embedding
+        deployment priced only by `input_cost_per_token`) does not leave the cost unknown."""
+        rates = self._merged(provider, model, deployment)
+        if rates.input is not None and rates.output is None and usage.completion_tokens == 0:
+            rates = Rates(rates.input, Decimal(0), rates.cache_read, rates.cache_write)
+        if not rates.complete:
             key = ((provider or "").lower(), model or "")
             if key not in self._warned:
                 with self._lock:
@@ -270,3 +279,37 @@ class PriceBook:
                         )
             return None
         return rates.cost(usage)
+
+
+class Pricing:
+    """The one place a request's cost is computed, for one config: its price book (loaded
+    once) and its deployments. The engine sets `exchange.cost_usd` with it; budgets, metrics,
+    alerts and the ledger read that value and price nothing themselves."""
+
+    _cache: ClassVar[dict[int, tuple[RouterConfig, Pricing]]] = {}
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.book = PriceBook.load(config.general.price_file)
+        self.deployments = {(d.litellm_model, d.api_base): d for d in config.deployments}
+
+    @classmethod
+    def for_config(cls, config: RouterConfig) -> Pricing:
+        """The Pricing of `config`, shared by everything that prices for it."""
+        cached = cls._cache.get(id(config))
+        if cached is not None and cached[0] is config:
+            return cached[1]
+        pricing = cls(config)
+        if len(cls._cache) >= 8:
+            cls._cache.clear()
+        cls._cache[id(config)] = (config, pricing)
+        return pricing
+
+    def cost(
+        self, provider: str, model: str, usage: Usage, deployment: Deployment | None = None
+    ) -> Decimal | None:
+        return self.book.cost(provider, model, usage, deployment)
+
+    def rates(self, deployment: Deployment) -> tuple[Decimal, Decimal]:
+        """A deployment's (input, output) USD per token, 0 where unknown (for estimates)."""
+        rates = self.book._merged(deployment.provider, deployment.model, deployment)
+        return rates.input or Decimal(0), rates.output or Decimal(0)
