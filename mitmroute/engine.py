@@ -147,6 +147,11 @@ class Engine:
                 errors.internal_error(f"mitmroute internal error: {e}"), exchange, ticket
             )
 
+    def group_of(self, model: str) -> str | None:
+        """The model group a requested model names (aliases resolved), None when unknown."""
+        group = self.config.router.model_group_alias.get(model, model)
+        return group if group in self.groups else None
+
     # --- cache ------------------------------------------------------------------------------
 
     async def _cache_ticket(
@@ -384,7 +389,7 @@ class Engine:
             if name != "retry-after" or error.status == 429:
                 headers[name] = value
         self.finish(exchange)
-        return Reply(error.status, headers, error.to_bytes(), exchange=exchange)
+        return Reply(error.status, headers, error.to_bytes(), exchange=exchange, error=error)
 
     def _success_reply(
         self,
@@ -408,9 +413,10 @@ class Engine:
                 label=deployment.litellm_model,
                 on_end=functools.partial(self._stream_ended, exchange, body, deployment, ticket),
             )
-            return Reply(
-                200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks, exchange=exchange
-            )
+            headers = self._headers(exchange, SSE_HEADERS, ticket)
+            if answer.headers:
+                headers.update(answer.headers)
+            return Reply(200, headers, stream=chunks, exchange=exchange, native=answer.native)
         assert answer.body is not None
         exchange.usage = Usage.from_openai(answer.body.get("usage"))
         if exchange.usage is None or (exchange.usage.total_tokens == 0 and endpoint != EMBEDDINGS):
@@ -418,7 +424,10 @@ class Engine:
         self.finish(exchange, deployment)
         self._store(ticket, exchange, answer.body)
         payload = answer.raw or json.dumps(answer.body).encode()
-        return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload, exchange=exchange)
+        headers = self._headers(exchange, JSON_HEADERS, ticket)
+        if answer.headers:
+            headers.update(answer.headers)
+        return Reply(200, headers, payload, exchange=exchange, native=answer.native)
 
     def _stream_ended(
         self,
