@@ -134,6 +134,8 @@ class Received:
     status: int = 200
     usage: dict[str, int] | None = None
     query: str = ""
+    sent: bytes = b""
+    """The body of the answer, exactly as written (streams: every event)."""
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -207,6 +209,10 @@ def _check_tools(tools: Any, choice: Any) -> None:
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or not TOOL_NAME.match(str(tool.get("name"))):
             raise Reject(400, f"tools.{i}.name: String should match pattern '{TOOL_NAME.pattern}'")
+        if tool.get("type") not in (None, "custom"):  # a server tool: its own fields, no schema
+            _check_cache_control(tool, f"tools.{i}")
+            names.append(tool["name"])
+            continue
         schema = tool.get("input_schema")
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise Reject(400, f"tools.{i}.input_schema.type: Input should be 'object'")
@@ -564,12 +570,15 @@ class FakeAnthropic:
         if not body.get("stream"):
             if p.slow:
                 await asyncio.sleep(SLOW_DELAY)
-            return web.json_response(message, headers={"request-id": rid})
+            rec.sent = json.dumps(message).encode()
+            headers = {"request-id": rid, "anthropic-ratelimit-requests-remaining": "99"}
+            return web.Response(body=rec.sent, content_type="application/json", headers=headers)
         resp = web.StreamResponse(headers={**SSE_HEADERS, "request-id": rid})
         await resp.prepare(request)
         for event in stream_events(message, p):
             if p.slow and event.startswith(b"event: content_block_delta"):
                 await asyncio.sleep(SLOW_DELAY)
+            rec.sent += event
             await resp.write(event)
         await resp.write_eof()
         return resp

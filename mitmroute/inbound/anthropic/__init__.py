@@ -20,7 +20,7 @@ from mitmroute.bodies import parse_json_object
 from mitmroute.errors import ProxyError, internal_error, upstream_error
 from mitmroute.inbound.anthropic.count import COUNT_TOKENS, count_tokens
 from mitmroute.inbound.anthropic.request import Translation, translate
-from mitmroute.inbound.anthropic.response import error_status, render_error, to_message
+from mitmroute.inbound.anthropic.response import render_error, to_message
 from mitmroute.inbound.anthropic.stream import MessagesStream, event
 from mitmroute.providers import CHAT
 from mitmroute.request import (
@@ -81,7 +81,7 @@ def refuse(engine: Engine, request: ClientRequest, error: ProxyError) -> Reply:
     engine.finish(exchange)
     headers = {**JSON_HEADERS, "request-id": exchange.request_id}
     headers["x-mitmroute-request-id"] = exchange.request_id
-    return Reply(error_status(error), headers, render_error(error), exchange=exchange, error=error)
+    return Reply(error.status, headers, render_error(error), exchange=exchange, error=error)
 
 
 def answer(reply: Reply, translation: Translation) -> Reply:
@@ -95,7 +95,7 @@ def answer(reply: Reply, translation: Translation) -> Reply:
         error = reply.error or _error_of(reply)
         headers["content-type"] = JSON_HEADERS["content-type"]
         body = render_error(error)
-        return Reply(error_status(error), headers, body, exchange=reply.exchange, error=error)
+        return Reply(error.status, headers, body, exchange=reply.exchange, error=error)
     if reply.native:
         reply.headers = headers
         return reply

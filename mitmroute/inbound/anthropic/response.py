@@ -10,9 +10,11 @@ error becomes Anthropic's `{"type": "error", "error": {type, message}}`.
 - `usage` is the exchange's, the numbers the spend log holds: input_tokens are the prompt
   tokens less cache reads and writes, which are reported apart (0 when the backend says none).
 - `model` is the model that answered, as the backend names it (as on the OpenAI route).
-- Errors keep their status, so the anthropic SDK raises and retries as for the real API (429
-  and 5xx are retried, `x-should-retry` is honoured); an upstream overload (`overloaded_error`)
-  is answered 529, as Anthropic does.
+- Errors keep the status the engine gave them, so the anthropic SDK raises and retries as for
+  the real API (429 and 5xx are retried, `x-should-retry` is honoured); their type follows
+  the status (`mitmroute.errors.render`). A 503 (no deployment could answer, an upstream
+  overload included) is `overloaded_error`: the SDK retries it as it does Anthropic's 529, and
+  Claude Code counts it as an overload.
 """
 
 from __future__ import annotations
@@ -128,11 +130,6 @@ def to_message(
         "stop_sequence": sequence,
         "usage": usage_of(usage),
     }
-
-
-def error_status(error: ProxyError) -> int:
-    """The status a Messages client gets for an error: its own, but an overload is 529."""
-    return 529 if error.type == "overloaded_error" else error.status
 
 
 def render_error(error: ProxyError) -> bytes:
