@@ -130,7 +130,8 @@ class Engine:
                 and controls.active
                 and not (exchange.stream and endpoint != CHAT)
             ):
-                ticket = await self._cache_ticket(endpoint, group, body, exchange, controls)
+                keyed = body if request.native is None else request.native.cache_body()
+                ticket = await self._cache_ticket(endpoint, group, keyed, exchange, controls)
                 if ticket.hit is not None:
                     return self._hit_reply(ticket, exchange, body)
             answer = await self._route(request, endpoint, body, group, exchange)

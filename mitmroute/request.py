@@ -67,6 +67,11 @@ class NativeRequest:
     """Parameters of the translation a backend may not have (`reasoning_effort`, `top_k`):
     when it refuses the request (400), the same deployment is asked once more without them."""
 
+    def cache_body(self) -> dict[str, Any]:
+        """What the response cache keys the request by: the client's own body (a translation
+        may leave out what changes the answer), marked with its dialect."""
+        return {**self.body, "native_dialect": self.dialect}
+
 
 @dataclass(slots=True)
 class Reply:

@@ -4,6 +4,7 @@ count_tokens, and the spend-log record of each."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
@@ -350,10 +351,45 @@ async def test_a_cached_answer_is_a_message_too(claude, openai_fake):
         for stream in (False, True, False):
             reply = await send(engine, ask("gpt", "cache me", stream=stream))
             message = _message(await read(reply), stream)
+            await asyncio.gather(*engine._tasks)  # the entry is written
             assert message.content[0].text == "echo: cache me"
         assert reply.headers["x-mitmroute-cache"] == "HIT"
     finally:
         await engine.close()
+
+
+async def test_the_cache_keys_a_messages_request_by_what_the_client_sent(claude):
+    config = parse_config(
+        {
+            "model_list": [
+                entry("claude", "anthropic/claude-x", claude.base_url, api_key=BACKEND_KEY)
+            ],
+            "litellm_settings": {"cache": True},
+        }
+    )
+    engine = Engine(config)
+    editing = {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    try:
+        first = await send(engine, ask("claude", "cache key"))
+        await asyncio.gather(*engine._tasks)  # the entry is written
+        again = await send(engine, ask("claude", "cache key", stream=True))
+        other = await send(engine, ask("claude", "cache key", context_management=editing))
+        assert first.headers["x-mitmroute-cache"] == "MISS"
+        assert again.headers["x-mitmroute-cache"] == "HIT"  # streamed or not, one entry
+        _message(await read(again), True)
+        assert other.headers["x-mitmroute-cache"] == "MISS"  # lost in translation, not here
+    finally:
+        await engine.close()
+
+
+async def test_a_request_nothing_of_which_translates_is_still_served_natively(engine, claude):
+    pdf = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjQK"},
+    }
+    reply = await send(engine, ask("mixed", messages=[{"role": "user", "content": [pdf]}]))
+    assert reply.status == 200 and reply.native
+    assert claude.requests[-1].body["messages"][0]["content"] == [pdf]
 
 
 # --- count_tokens -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message, RawMessageStreamEvent
 from anthropic.types.shared import ErrorResponse
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from openai.types.chat.completion_create_params import (
     CompletionCreateParamsNonStreaming,
     CompletionCreateParamsStreaming,
@@ -549,3 +551,76 @@ def test_errors_keep_a_status_the_sdk_retries_sensibly(error, status, kind):
     assert error.status == status
     body = ErrorResponse.model_validate(json.loads(render_error(error)), strict=True)
     assert body.error.type == kind and body.error.message == error.message
+
+
+# --- any body -----------------------------------------------------------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+KINDS = st.sampled_from(
+    [
+        "text",
+        "image",
+        "tool_use",
+        "tool_result",
+        "thinking",
+        "document",
+        "redacted_thinking",
+        "server_tool_use",
+        None,
+    ]
+)
+BLOCK = st.fixed_dictionaries(
+    {"type": KINDS},
+    optional={
+        "text": JSON,
+        "source": JSON,
+        "id": JSON,
+        "name": JSON,
+        "input": JSON,
+        "tool_use_id": JSON,
+        "content": JSON,
+        "is_error": JSON,
+        "thinking": JSON,
+    },
+)
+MESSAGE = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "assistant", "system", 3]),
+        "content": st.text(max_size=5) | st.lists(BLOCK, max_size=3) | JSON,
+    }
+)
+BODY = st.fixed_dictionaries(
+    {"model": st.just("m") | JSON, "messages": st.lists(MESSAGE, max_size=3) | JSON},
+    optional={
+        "max_tokens": st.integers(-1, 5) | JSON,
+        "system": JSON | st.lists(BLOCK),
+        "tools": JSON | st.lists(st.fixed_dictionaries({"name": JSON, "input_schema": JSON})),
+        "tool_choice": JSON,
+        "thinking": JSON,
+        "stop_sequences": JSON,
+        "metadata": JSON,
+        "temperature": JSON,
+        "top_k": JSON,
+        "stream": JSON,
+        "output_config": JSON,
+    },
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(BODY)
+def test_any_body_is_translated_or_a_400_naming_a_field(body):
+    try:
+        chat = translate(body).chat
+    except ProxyError as e:
+        assert e.status == 400 and e.param
+        ErrorResponse.model_validate(json.loads(render_error(e)), strict=True)
+        return
+    assert chat["messages"] and isinstance(chat["model"], str)
+    json.dumps(chat)

@@ -100,11 +100,14 @@ def answer(reply: Reply, translation: Translation) -> Reply:
         reply.headers = headers
         return reply
     model = str(translation.chat["model"])
-    if reply.stream is not None:
+    usage = reply.exchange.usage if reply.exchange is not None else None
+    if translation.stream:
         messages = MessagesStream(model, translation.stop_sequences)
+        if reply.stream is None:  # a cache hit: the whole stream at once
+            events = messages.feed(reply.body) + messages.close(usage)
+            return Reply(200, headers, events, exchange=reply.exchange)
         stream = _translated(reply, messages)
         return Reply(200, headers, stream=stream, exchange=reply.exchange)
-    usage = reply.exchange.usage if reply.exchange is not None else None
     completion = json.loads(reply.body)
     message = to_message(completion, usage, model=model, stop_sequences=translation.stop_sequences)
     return Reply(200, headers, json.dumps(message).encode(), exchange=reply.exchange)

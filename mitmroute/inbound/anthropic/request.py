@@ -97,6 +97,10 @@ class _Translator:
         chat: dict[str, Any] = {"model": model}
         messages = self.system(body.get("system"))
         messages += self.messages(body.get("messages"))
+        if all(m["role"] == "system" for m in messages):
+            # Nothing of the conversation translates (a PDF alone, say): an anthropic deployment
+            # still serves it; the chat request only has to be well-formed.
+            messages.append({"role": "user", "content": ""})
         chat["messages"] = messages
         if not self.count_only or "max_tokens" in body:
             chat["max_completion_tokens"] = _required_integer(body, "max_tokens")
