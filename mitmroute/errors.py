@@ -147,7 +147,7 @@ ANTHROPIC_ERROR_TYPES = {
 """Anthropic's error type per status, limited to the types the anthropic SDK models (its
 `ErrorObject`): a 413 is `invalid_request_error` (the API says `request_too_large`, which the
 SDK doesn't know); a 503 (no deployment could answer, a store unavailable) is
-`overloaded_error`, which clients such as Claude Code treat as "retry, or try another model"."""
+`overloaded_error`, retried by the SDK as it retries Anthropic's own 529 overloads."""
 
 
 def render(error: ProxyError, dialect: str = "openai") -> bytes:

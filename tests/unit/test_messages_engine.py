@@ -218,6 +218,14 @@ async def test_a_native_stream_cut_short_ends_with_an_anthropic_error_event(engi
     assert error["type"] == "error" and "ended the stream early" in error["error"]["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_backend_echoing_its_key_natively_is_redacted(engine, claude, stream):
+    data = await read(await send(engine, ask("claude", "leak key", stream=stream)))
+    assert BACKEND_KEY.encode() in claude.requests[-1].sent or not stream
+    assert BACKEND_KEY.encode() not in data
+    assert b"sk-ant-...6789" in data
+
+
 async def test_a_native_error_answer_is_anthropic_shaped(engine):
     reply = await send(engine, ask("claude", "fail 529"))
     assert reply.status == 503  # retried by the SDK like a 529

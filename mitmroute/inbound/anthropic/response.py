@@ -13,8 +13,7 @@ error becomes Anthropic's `{"type": "error", "error": {type, message}}`.
 - Errors keep the status the engine gave them, so the anthropic SDK raises and retries as for
   the real API (429 and 5xx are retried, `x-should-retry` is honoured); their type follows
   the status (`mitmroute.errors.render`). A 503 (no deployment could answer, an upstream
-  overload included) is `overloaded_error`: the SDK retries it as it does Anthropic's 529, and
-  Claude Code counts it as an overload.
+  overload included) is `overloaded_error`: the SDK retries it as it does Anthropic's 529.
 """
 
 from __future__ import annotations
