@@ -65,7 +65,8 @@ class NativeRequest:
     untranslatable: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     """Parameters of the translation a backend may not have (`reasoning_effort`, `top_k`):
-    when it refuses the request (400), the same deployment is asked once more without them."""
+    when it refuses the request (400), the same deployment is asked once more without those
+    the refusal names (all of them when it names none)."""
 
     def cache_body(self) -> dict[str, Any]:
         """What the response cache keys the request by: the client's own body (a translation

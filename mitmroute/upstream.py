@@ -261,18 +261,18 @@ class Upstream:
         exchange: Exchange,
         remaining: float,
     ) -> Answer:
-        """One attempt at `deployment` (two when it refuses a translation's optional
-        parameters: see `NativeRequest.optional`)."""
-        t0 = time.perf_counter()
-        try:
-            return await self._attempt(client, endpoint, body, deployment, exchange, remaining)
-        except ProxyError as e:
-            optional = _refused_optional(client, body, deployment, e)
-            if not optional:
-                raise
-        lighter = {k: v for k, v in body.items() if k not in optional}
-        remaining -= time.perf_counter() - t0
-        return await self._attempt(client, endpoint, lighter, deployment, exchange, remaining)
+        """One attempt at `deployment`; more when it refuses a translation's optional
+        parameters (see `NativeRequest.optional`), each without those it refused."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                return await self._attempt(client, endpoint, body, deployment, exchange, remaining)
+            except ProxyError as e:
+                refused = _refused_optional(client, body, deployment, e)
+                if not refused:
+                    raise
+            body = {k: v for k, v in body.items() if k not in refused}
+            remaining -= time.perf_counter() - t0
 
     async def _attempt(
         self,
@@ -479,7 +479,7 @@ def _refused_optional(
     client: ClientRequest, body: dict[str, Any], deployment: Deployment, error: ProxyError
 ) -> tuple[str, ...]:
     """The optional parameters to drop after `error`, if it is a refusal (400) of a
-    translated request that carried some."""
+    translated request that carried some: those the refusal names, else all of them."""
     native = client.native
     if native is None or not native.optional or error.status != 400:
         return ()
@@ -487,4 +487,6 @@ def _refused_optional(
         return ()  # a context-window or content-policy 400 has its own fallbacks
     if provider_for(deployment.provider).native == native.dialect:
         return ()
-    return tuple(p for p in native.optional if p in body)
+    present = tuple(p for p in native.optional if p in body)
+    named = tuple(p for p in present if p == error.param or p in error.message)
+    return named or present

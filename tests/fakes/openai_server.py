@@ -17,8 +17,8 @@ Behaviour is chosen by the model name the proxy sends, so one fake serves every 
                       ("Incorrect API key provided: Bearer sk-...")
   leaky-echo          answers "echo: <the key it received>" (streamed and not)
   leaky-break         streams two chunks, pauses, then an error event naming the key it received
-  strict-<anything>   refuses `top_k` and `reasoning_effort` as api.openai.com does for a model
-                      that doesn't reason (400 naming the parameter), else answers normally
+  strict-<anything>   refuses `top_k`, `reasoning_effort` and more than 16384 output tokens as
+                      api.openai.com does for gpt-4o (400 naming the first), else answers
 
 Tools (chat and Ollama): a request with `tools` whose last user text says "use tool" is
 answered with a call of the first tool (arguments sampled from its schema, streamed in small
@@ -160,16 +160,19 @@ STRICT_REFUSED = {
 def _strict(model: str, body: dict[str, Any]) -> web.Response | None:
     if not model.startswith("strict-"):
         return None
-    for param, message in STRICT_REFUSED.items():
-        if param in body:
-            error = {
-                "message": message,
-                "type": "invalid_request_error",
-                "param": param,
-                "code": "unsupported_parameter",
-            }
-            return web.json_response({"error": error}, status=400)
-    return None
+    refused = [(p, m, "unsupported_parameter") for p, m in STRICT_REFUSED.items() if p in body]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if limit > 16384:
+        message = (
+            f"max_tokens is too large: {limit}. This model supports at most 16384 "
+            f"completion tokens, whereas you provided {limit}."
+        )
+        refused.append(("max_tokens", message, "invalid_value"))
+    if not refused:
+        return None
+    param, message, code = refused[0]  # OpenAI names the first problem only
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return web.json_response({"error": error}, status=400)
 
 
 def _tool_pairing(messages: list[dict[str, Any]]) -> web.Response | None:

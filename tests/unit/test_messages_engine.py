@@ -287,12 +287,31 @@ def _message(data: bytes, stream: bool) -> Message:
     return Message.model_validate(snapshot.model_dump(), strict=True)
 
 
-async def test_a_backend_without_reasoning_is_asked_again_without_it(engine, openai_fake):
-    body = ask("strict", thinking={"type": "enabled", "budget_tokens": 2048}, top_k=5)
+async def test_a_backend_refusing_optional_parameters_is_asked_again_without_them(engine):
+    thinking = {"type": "enabled", "budget_tokens": 2048}
+    body = ask("strict", thinking=thinking, top_k=5, max_tokens=32000, metadata={"user_id": "u"})
     reply = await send(engine, body)
     assert reply.status == 200, reply.body
     row = last(engine)
-    assert [a.status_code for a in row.attempts] == [400, 200]
+    assert [a.status_code for a in row.attempts] == [400, 400, 400, 200]
+    assert row.user == "u"  # still in the spend log
+
+
+async def test_a_refusal_that_is_not_about_optional_parameters_comes_back(engine):
+    body = ask(
+        "gpt",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_nowhere", "content": "x"}
+                ],
+            }
+        ],
+    )
+    reply = await send(engine, body)
+    assert reply.status == 400
+    assert "tool" in ErrorResponse.model_validate(json.loads(reply.body)).error.message
 
 
 async def test_ollama_thinks_when_the_model_can_and_not_when_it_cannot(engine):

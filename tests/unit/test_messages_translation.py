@@ -113,7 +113,7 @@ def test_a_full_conversation_becomes_a_chat_request_the_openai_sdk_accepts():
     chat = t.chat
     CHAT[True].validate_python(chat)
     assert t.untranslatable == () and t.stream and t.stop_sequences == ("END",)
-    assert set(t.optional) == {"reasoning_effort", "top_k"}
+    assert set(t.optional) == {"reasoning_effort", "top_k", "max_completion_tokens", "user"}
     assert chat["messages"][0] == {"role": "system", "content": "Be brief.\n\nBe kind."}
     user = chat["messages"][1]
     assert user["content"][0] == {"type": "text", "text": "<reminder>"}

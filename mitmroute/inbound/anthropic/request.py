@@ -20,8 +20,9 @@ What only Messages can say (server tools, documents, containers, MCP servers, ..
   auto/required/function/none, `disable_parallel_tool_use` -> `parallel_tool_calls: false`.
 - `thinking` enabled -> `reasoning_effort` by budget (< 4096 low, < 16384 medium, else high);
   `output_config.effort` -> `reasoning_effort`; `output_config.format` (json_schema) ->
-  `response_format`. `reasoning_effort` and `top_k` are optional (`OPTIONAL`): a backend that
-  refuses them (a model that doesn't reason, OpenAI's API for `top_k`) is asked again without.
+  `response_format`. `reasoning_effort`, `top_k`, `max_completion_tokens` and `user` are
+  optional (`OPTIONAL`): a backend that refuses them is asked again without those it names
+  (all of them when it names none).
 - hints with no equivalent are dropped: `cache_control`, `context_management`, `service_tier`,
   `inference_geo`, `speed`, `diagnostics`, tool `strict`; so are fields this proxy doesn't know.
 """
@@ -42,9 +43,10 @@ EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high", "min
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 NATIVE_ONLY = ("container", "mcp_servers")
 """Top-level fields only an anthropic deployment can honour (when set)."""
-OPTIONAL = ("reasoning_effort", "top_k")
-"""Translated parameters not every backend has: a backend that refuses them is asked again
-without them (non-reasoning models refuse `reasoning_effort`, OpenAI's API `top_k`)."""
+OPTIONAL = ("reasoning_effort", "top_k", "max_completion_tokens", "user")
+"""Translated parameters a backend may refuse: it is asked again without them (a model that
+doesn't reason refuses `reasoning_effort`, OpenAI's API `top_k`, gpt-4o a `max_tokens` above
+16384, which Claude Code asks for; Messages needs a `max_tokens`, chat completions don't)."""
 
 
 def invalid(where: str, message: str) -> ProxyError:
