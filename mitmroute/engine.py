@@ -485,10 +485,11 @@ class Engine:
         """Log an exchange that went to its original host unrouted."""
         exchange.status_code = status
         exchange.deployment = f"passthrough/{exchange.requested_model or exchange.endpoint}"
-        exchange.provider = "openai"
+        exchange.provider = "anthropic" if exchange.endpoint.startswith("messages") else "openai"
         if body and usage is None:
+            read = Usage.from_anthropic if exchange.endpoint == "messages" else Usage.from_openai
             with contextlib.suppress(ValueError, AttributeError):
-                usage = Usage.from_openai(json.loads(body).get("usage"))
+                usage = read(json.loads(body).get("usage"))
         exchange.usage = usage
         if status >= 400 and exchange.error_type is None:
             exchange.error_type = "upstream_error"

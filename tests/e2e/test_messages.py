@@ -288,3 +288,32 @@ def test_virtual_keys_work_as_x_api_key(start_proxy, claude, backend):
     )
     assert ("claude-code", 200) in found and ("claude-code", 403) in found
     assert json.dumps(found)  # every request, refused or not, is a row
+
+
+def test_an_unlisted_model_passes_through_and_is_logged_with_its_usage(start_proxy, claude):
+    # the fake stands in for the original host: intercepted, and unknown models go to it as sent
+    cfg = {"model_list": [], "general_settings": {"intercept_hosts": ["127.0.0.1"]}}
+    proxy = start_proxy(cfg)
+    http = httpx.Client(proxy=proxy.url, timeout=30)
+    client = anthropic.Anthropic(
+        api_key=BACKEND_KEY, base_url=claude.base_url, max_retries=0, http_client=http
+    )
+    with client:
+        plain = client.messages.create(
+            model="claude-unlisted", max_tokens=20, messages=[{"role": "user", "content": "plain"}]
+        )
+        with client.messages.stream(
+            model="claude-unlisted",
+            max_tokens=20,
+            messages=[{"role": "user", "content": "streamed"}],
+        ) as s:
+            streamed = s.get_final_message()
+    found = rows(
+        proxy,
+        "select deployment, prompt_tokens, completion_tokens from spend_log "
+        "where endpoint = 'messages' order by started_at",
+    )
+    assert found == [
+        ("passthrough/claude-unlisted", plain.usage.input_tokens, plain.usage.output_tokens),
+        ("passthrough/claude-unlisted", streamed.usage.input_tokens, streamed.usage.output_tokens),
+    ]
