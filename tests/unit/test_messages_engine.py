@@ -226,6 +226,27 @@ async def test_a_backend_echoing_its_key_natively_is_redacted(engine, claude, st
     assert b"sk-ant-...6789" in data
 
 
+async def test_a_keyless_claude_deployment_gets_the_clients_own_key_only_where_it_was_sent(
+    claude,
+):
+    config = parse_config({"model_list": [entry("claude", "anthropic/claude-x", claude.base_url)]})
+    engine = Engine(config)
+    body = json.dumps(ask("claude", "my own key")).encode()
+    headers = {**HEADERS, "x-api-key": BACKEND_KEY}
+    try:
+        at_origin = ClientRequest(
+            "POST", "/v1/messages", headers, body, scheme="http", host="127.0.0.1", port=claude.port
+        )
+        reply = await inbound_for(at_origin.path).handle(engine, at_origin)
+        assert reply.status == 200 and claude.requests[-1].headers["x-api-key"] == BACKEND_KEY
+        elsewhere = ClientRequest("POST", "/v1/messages", headers, body, host="api.anthropic.com")
+        reply = await inbound_for(elsewhere.path).handle(engine, elsewhere)
+        assert reply.status == 401 and "x-api-key" not in claude.requests[-1].headers
+        ErrorResponse.model_validate(json.loads(reply.body), strict=True)
+    finally:
+        await engine.close()
+
+
 async def test_a_native_error_answer_is_anthropic_shaped(engine):
     reply = await send(engine, ask("claude", "fail 529"))
     assert reply.status == 503  # retried by the SDK like a 529
