@@ -131,7 +131,8 @@ class Engine:
                 and controls.active
                 and not (exchange.stream and endpoint != CHAT)
             ):
-                ticket = await self._cache_ticket(endpoint, group, body, exchange, controls)
+                keyed = body if request.native is None else request.native.cache_body()
+                ticket = await self._cache_ticket(endpoint, group, keyed, exchange, controls)
                 if ticket.hit is not None:
                     return self._hit_reply(ticket, exchange, body)
             answer = await self._route(request, endpoint, body, group, exchange)
@@ -147,6 +148,11 @@ class Engine:
             return self._error_reply(
                 errors.internal_error(f"mitmroute internal error: {e}"), exchange, ticket
             )
+
+    def group_of(self, model: str) -> str | None:
+        """The model group a requested model names (aliases resolved), None when unknown."""
+        group = self.config.router.model_group_alias.get(model, model)
+        return group if group in self.groups else None
 
     # --- cache ------------------------------------------------------------------------------
 
@@ -385,7 +391,7 @@ class Engine:
             if name != "retry-after" or error.status == 429:
                 headers[name] = value
         self.finish(exchange)
-        return Reply(error.status, headers, error.to_bytes(), exchange=exchange)
+        return Reply(error.status, headers, error.to_bytes(), exchange=exchange, error=error)
 
     def _success_reply(
         self,
@@ -409,9 +415,10 @@ class Engine:
                 label=deployment.litellm_model,
                 on_end=functools.partial(self._stream_ended, exchange, body, deployment, ticket),
             )
-            return Reply(
-                200, self._headers(exchange, SSE_HEADERS, ticket), stream=chunks, exchange=exchange
-            )
+            headers = self._headers(exchange, SSE_HEADERS, ticket)
+            if answer.headers:
+                headers.update(answer.headers)
+            return Reply(200, headers, stream=chunks, exchange=exchange, native=answer.native)
         assert answer.body is not None
         exchange.usage = Usage.from_openai(answer.body.get("usage"))
         if exchange.usage is None or (exchange.usage.total_tokens == 0 and endpoint != EMBEDDINGS):
@@ -419,7 +426,10 @@ class Engine:
         self.finish(exchange, deployment)
         self._store(ticket, exchange, answer.body)
         payload = answer.raw or json.dumps(answer.body).encode()
-        return Reply(200, self._headers(exchange, JSON_HEADERS, ticket), payload, exchange=exchange)
+        headers = self._headers(exchange, JSON_HEADERS, ticket)
+        if answer.headers:
+            headers.update(answer.headers)
+        return Reply(200, headers, payload, exchange=exchange, native=answer.native)
 
     def _stream_ended(
         self,
@@ -476,10 +486,11 @@ class Engine:
         """Log an exchange that went to its original host unrouted."""
         exchange.status_code = status
         exchange.deployment = f"passthrough/{exchange.requested_model or exchange.endpoint}"
-        exchange.provider = "openai"
+        exchange.provider = "anthropic" if exchange.endpoint.startswith("messages") else "openai"
         if body and usage is None:
+            read = Usage.from_anthropic if exchange.endpoint == "messages" else Usage.from_openai
             with contextlib.suppress(ValueError, AttributeError):
-                usage = Usage.from_openai(json.loads(body).get("usage"))
+                usage = read(json.loads(body).get("usage"))
         exchange.usage = usage
         if status >= 400 and exchange.error_type is None:
             exchange.error_type = "upstream_error"

@@ -137,11 +137,17 @@ ANTHROPIC_ERROR_TYPES = {
     402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
+    408: "timeout_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
+    503: "overloaded_error",
     504: "timeout_error",
     529: "overloaded_error",
 }
+"""Anthropic's error type per status, limited to the types the anthropic SDK models (its
+`ErrorObject`): a 413 is `invalid_request_error` (the API says `request_too_large`, which the
+SDK doesn't know); a 503 (no deployment could answer, a store unavailable) is
+`overloaded_error`, retried by the SDK as it retries Anthropic's own 529 overloads."""
 
 
 def render(error: ProxyError, dialect: str = "openai") -> bytes:
@@ -149,7 +155,9 @@ def render(error: ProxyError, dialect: str = "openai") -> bytes:
     if dialect != "anthropic":
         return error.to_bytes()
     kind = ANTHROPIC_ERROR_TYPES.get(error.status)
-    if kind is None:
+    if error.type == "overloaded_error":
+        kind = "overloaded_error"
+    elif kind is None:
         kind = "api_error" if error.status >= 500 else "invalid_request_error"
     return json.dumps({"type": "error", "error": {"type": kind, "message": error.message}}).encode()
 

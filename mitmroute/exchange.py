@@ -45,6 +45,21 @@ class Usage:
             reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
         )
 
+    @classmethod
+    def from_anthropic(cls, usage: dict[str, Any] | None) -> Usage | None:
+        """Read an Anthropic Messages `usage` object (whose `input_tokens` leave out cache reads
+        and writes); None when absent."""
+        if not isinstance(usage, dict) or "output_tokens" not in usage:
+            return None
+        created = int(usage.get("cache_creation_input_tokens") or 0)
+        read = int(usage.get("cache_read_input_tokens") or 0)
+        return cls(
+            prompt_tokens=int(usage.get("input_tokens") or 0) + created + read,
+            completion_tokens=int(usage.get("output_tokens") or 0),
+            cached_tokens=read,
+            cache_creation_tokens=created,
+        )
+
     def to_openai(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,

@@ -11,8 +11,6 @@ A request the gate lets pass (a path under `passthrough_paths`, or an unlisted m
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -22,7 +20,7 @@ from yarl import URL
 from mitmroute import errors
 from mitmroute.exchange import Usage
 from mitmroute.request import ClientRequest
-from mitmroute.streaming.sse import SSEParser
+from mitmroute.streaming.tap import PassthroughTap
 
 HOP_BY_HOP = frozenset(
     {
@@ -34,8 +32,9 @@ USAGE_BODY_LIMIT = 1024 * 1024
 """A JSON answer up to this size is also parsed for its usage; larger ones only flow through."""
 CONNECT_TIMEOUT = 10.0
 
-Finish = Callable[[int, Usage | None, int, str | None], None]
-"""Called once when the answer has been relayed: (status, usage, body bytes, error type)."""
+Finish = Callable[[int, Usage | None, bytes | None, str | None], None]
+"""Called once when the answer has been relayed: (status, usage read off a stream, the whole
+body when it was a small JSON answer, error type)."""
 
 
 @dataclass(slots=True)
@@ -65,7 +64,9 @@ class Passthrough:
             await self.session.close()
             self.session = None
 
-    async def forward(self, request: ClientRequest, first_byte: float, finish: Finish) -> Forwarded:
+    async def forward(
+        self, request: ClientRequest, tap: PassthroughTap, first_byte: float, finish: Finish
+    ) -> Forwarded:
         """Send `request` to the host it was addressed to and open the answer.
 
         Raises ProxyError (502/504) when the host can't be reached or doesn't answer within
@@ -92,21 +93,21 @@ class Passthrough:
                 f"{request.host} could not be reached (passed through): {type(e).__name__}"
             ) from None
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP}
-        return Forwarded(resp.status, out_headers, _relay(resp, finish))
+        return Forwarded(resp.status, out_headers, _relay(resp, tap, finish))
 
 
-async def _relay(resp: aiohttp.ClientResponse, finish: Finish) -> AsyncIterator[bytes]:
+async def _relay(
+    resp: aiohttp.ClientResponse, tap: PassthroughTap, finish: Finish
+) -> AsyncIterator[bytes]:
     content_type = resp.headers.get("content-type", "")
-    sse = SSEParser() if "event-stream" in content_type else None
+    sse = "event-stream" in content_type
     plain_json = "json" in content_type and not resp.headers.get("content-encoding")
     kept = bytearray() if plain_json else None
-    usage: Usage | None = None
-    size, error = 0, None
+    error = None
     try:
         async for data in resp.content.iter_any():
-            size += len(data)
-            if sse is not None:
-                usage = _usage_of_events(sse.feed(data)) or usage
+            if sse:
+                tap.observe(data)
             elif kept is not None:
                 kept += data
                 if len(kept) > USAGE_BODY_LIMIT:
@@ -119,18 +120,6 @@ async def _relay(resp: aiohttp.ClientResponse, finish: Finish) -> AsyncIterator[
         raise
     finally:
         resp.close()
-        if sse is not None:
-            usage = _usage_of_events(sse.finish()) or usage
-        elif kept:
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                usage = Usage.from_openai(json.loads(kept).get("usage"))
-        finish(resp.status, usage, size, error)
-
-
-def _usage_of_events(events: list) -> Usage | None:
-    usage = None
-    for event in events:
-        if '"usage"' in event.data:
-            with contextlib.suppress(ValueError, AttributeError, TypeError):
-                usage = Usage.from_openai(json.loads(event.data).get("usage")) or usage
-    return usage
+        if sse:
+            tap.observe(b"")
+        finish(resp.status, tap.usage, bytes(kept) if kept else None, error)

@@ -41,6 +41,37 @@ class ClientRequest:
     ledger_endpoint: str | None = None
     """What the client called, as the spend log names it, when an inbound dialect translated
     the request (`responses`, `messages`); None: the path's own endpoint."""
+    native: NativeRequest | None = None
+    """The client's own request, when an inbound dialect translated it: a deployment whose
+    provider speaks that dialect is sent this instead of the translation."""
+
+
+@dataclass(frozen=True, slots=True)
+class NativeRequest:
+    """A request in an inbound dialect (e.g. Anthropic's Messages), as the client sent it.
+
+    The engine never reads it; `Upstream` hands it to a provider that speaks `dialect`, which
+    sends it with only the model and credentials swapped. Other providers get the engine's
+    (OpenAI chat) translation, unless `untranslatable` names something only this dialect
+    can carry: then they are skipped, as a deployment that can't take a parameter is.
+    """
+
+    dialect: str
+    endpoint: str
+    """The dialect's endpoint, e.g. `messages` or `messages/count_tokens`."""
+    body: dict[str, Any]
+    query: str = ""
+    """The query string the client sent (`beta=true`), without `?`."""
+    untranslatable: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    """Parameters of the translation a backend may not have (`reasoning_effort`, `top_k`):
+    when it refuses the request (400), the same deployment is asked once more without those
+    the refusal names (all of them when it names none)."""
+
+    def cache_body(self) -> dict[str, Any]:
+        """What the response cache keys the request by: the client's own body (a translation
+        may leave out what changes the answer), marked with its dialect."""
+        return {**self.body, "native_dialect": self.dialect}
 
 
 @dataclass(slots=True)
@@ -53,6 +84,11 @@ class Reply:
     stream: AsyncIterator[bytes] | None = None
     passthrough: bool = False
     exchange: Exchange | None = None
+    native: bool = False
+    """The body or stream is already in the client's own dialect (`ClientRequest.native` was
+    answered by a provider that speaks it): the inbound layer passes it on unchanged."""
+    error: ProxyError | None = None
+    """The error this reply carries (status >= 400), for a dialect to render in its shape."""
 
 
 def endpoint_of(path: str) -> str | None:
@@ -66,7 +102,7 @@ def endpoint_of(path: str) -> str | None:
 def new_exchange(request: ClientRequest, endpoint: str) -> Exchange:
     """The record of a request that just arrived: who sent it, when, with which tags."""
     identity = request.identity
-    key = bearer(request.headers)
+    key = client_key(request.headers)
     tags = [t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",") if t.strip()]
     return Exchange(
         request_id=f"mr-{uuid.uuid4().hex}",
@@ -109,6 +145,12 @@ def bearer(headers: Mapping[str, str]) -> str | None:
     if value[:7].lower() == "bearer ":
         return value[7:].strip() or None
     return None
+
+
+def client_key(headers: Mapping[str, str]) -> str | None:
+    """The key a client presents: `Authorization: Bearer <key>` (OpenAI's way), else
+    `x-api-key` (Anthropic's)."""
+    return bearer(headers) or headers.get("x-api-key", "").strip() or None
 
 
 def now_utc() -> datetime:

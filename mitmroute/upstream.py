@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,13 @@ from mitmroute.config import Deployment, RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Attempt, Exchange
 from mitmroute.providers import EMBEDDINGS, Provider, provider_for
-from mitmroute.providers.base import StreamTranslator
-from mitmroute.request import ClientRequest, bearer, now_utc
+from mitmroute.providers.base import StreamTranslator, UpstreamCall
+from mitmroute.request import ClientRequest, NativeRequest, bearer, now_utc
 from mitmroute.secrets import LineRedactor, Redactor, deployment_secrets, same_origin
 
 FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
+"""Where a client's own key may be (OpenAI's way, Anthropic's)."""
 
 
 def bad_answer(deployment: Deployment, error: Exception) -> ProxyError:
@@ -33,6 +36,18 @@ def bad_answer(deployment: Deployment, error: Exception) -> ProxyError:
         "server_error",
         code="bad_upstream_response",
         retryable=True,
+    )
+
+
+def not_native(deployment: Deployment, native: NativeRequest) -> ProxyError:
+    """A request only a deployment speaking its own dialect can serve (skip this one)."""
+    return ProxyError(
+        400,
+        f"{deployment.litellm_model} can't serve this request: "
+        f"{'; '.join(native.untranslatable)} can only go to a(n) {native.dialect} deployment",
+        "invalid_request_error",
+        code="invalid_request_shape",
+        kind="unsupported",
     )
 
 
@@ -55,8 +70,13 @@ class Answer:
     deployment: Deployment
     body: dict[str, Any] | None = None
     raw: bytes | None = None
-    """The backend's own bytes, when they already are the OpenAI answer (no re-encoding)."""
+    """The backend's own bytes, when they already are the answer the client wants: OpenAI's,
+    or (`native`) the client's own dialect's."""
     stream: OpenStream | None = None
+    native: bool = False
+    """`raw` or the stream's bytes are in the client's own dialect (`ClientRequest.native`)."""
+    headers: dict[str, str] | None = None
+    """Headers of the backend's answer that go back to a native client (`request-id`, ...)."""
 
 
 @dataclass(slots=True)
@@ -67,6 +87,9 @@ class OpenStream:
     read_timeout: float | None
     redactor: Redactor
     """For texts made from the stream's failures (the translator reads redacted bytes)."""
+    native: str | None = None
+    """The client's dialect when the stream's bytes go to it as they are (`translator` is then
+    a NativeTee that keeps them)."""
 
 
 class RedactedStream(StreamTranslator):
@@ -84,6 +107,50 @@ class RedactedStream(StreamTranslator):
     def finish(self) -> list[dict[str, Any]]:
         self._inner.feed(self._lines.finish())  # an unfinished line: only buffered, no chunks
         return self._inner.finish()
+
+    @property
+    def done(self) -> bool:
+        return self._inner.done
+
+
+class NativeTee(StreamTranslator):
+    """A native stream: its (redacted) bytes are kept for the client as they are, and still
+    translated into chunks for the spend log and the cache."""
+
+    __slots__ = ("_inner", "_lines", "_raw", "failed")
+
+    def __init__(self, inner: StreamTranslator, redactor: Redactor) -> None:
+        self._inner = inner
+        self._lines = LineRedactor(redactor) if redactor else None
+        self._raw: list[bytes] = []
+        self.failed = False
+        """The translator raised: the backend's own error (or unreadable data) is in the
+        bytes already, and no error of ours needs adding."""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        if self._lines is not None:
+            data = self._lines.feed(data)
+        self._raw.append(data)
+        return self._translate(self._inner.feed, data)
+
+    def finish(self) -> list[dict[str, Any]]:
+        rest = self._lines.finish() if self._lines is not None else b""
+        self._raw.append(rest)
+        chunks = self._translate(self._inner.feed, rest)
+        return chunks + self._translate(lambda _: self._inner.finish(), b"")
+
+    def _translate(self, step: Any, data: bytes) -> list[dict[str, Any]]:
+        try:
+            return step(data)
+        except ProxyError:
+            self.failed = True
+            raise
+
+    def take(self) -> bytes:
+        """The bytes received since the last call."""
+        out = b"".join(self._raw)
+        self._raw.clear()
+        return out
 
     @property
     def done(self) -> bool:
@@ -139,6 +206,52 @@ class Upstream:
             deployment.api_base, client.scheme, client.host, client.port
         )
 
+    def _credentials(
+        self, deployment: Deployment, client: ClientRequest, headers: dict[str, str]
+    ) -> tuple[dict[str, str], Redactor]:
+        """The call's headers and redactor, with the client's key when it may go along."""
+        redactor = self.redactor
+        if self._client_key_goes_to(deployment, client):
+            # No key of our own: the client's key (and org/project) go where it meant them to,
+            # and are kept out of logs like our own keys.
+            headers = dict(headers)
+            for name in CLIENT_KEY_HEADERS:
+                if value := client.headers.get(name):
+                    headers[name] = value
+                    secret = bearer(client.headers) if name == "authorization" else None
+                    redactor = redactor.adding(secret or value)
+            for name in FORWARDED_CLIENT_HEADERS:
+                if name in client.headers:
+                    headers[name] = client.headers[name]
+        return headers, redactor
+
+    def _build(
+        self,
+        provider: Provider,
+        client: ClientRequest,
+        endpoint: str,
+        body: dict[str, Any],
+        deployment: Deployment,
+    ) -> tuple[UpstreamCall, bool]:
+        """The call for one deployment, and whether it carries the client's native request."""
+        native = client.native
+        try:
+            if native is not None and provider.native == native.dialect:
+                return provider.build_native(native, client.headers, deployment), True
+            if endpoint not in provider.endpoints:
+                raise errors.bad_request(
+                    f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
+                )
+            if native is not None and native.untranslatable:
+                raise not_native(deployment, native)
+            call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
+            return call, False
+        except ProxyError as e:
+            e.kind = "unsupported"  # this deployment can't take it; another one may
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
+            raise untranslatable(deployment, e) from None
+
     async def attempt(
         self,
         client: ClientRequest,
@@ -148,28 +261,31 @@ class Upstream:
         exchange: Exchange,
         remaining: float,
     ) -> Answer:
+        """One attempt at `deployment`; more when it refuses a translation's optional
+        parameters (see `NativeRequest.optional`), each without those it refused."""
+        while True:
+            t0 = time.perf_counter()
+            try:
+                return await self._attempt(client, endpoint, body, deployment, exchange, remaining)
+            except ProxyError as e:
+                refused = _refused_optional(client, body, deployment, e)
+                if not refused:
+                    raise
+            body = {k: v for k, v in body.items() if k not in refused}
+            remaining -= time.perf_counter() - t0
+
+    async def _attempt(
+        self,
+        client: ClientRequest,
+        endpoint: str,
+        body: dict[str, Any],
+        deployment: Deployment,
+        exchange: Exchange,
+        remaining: float,
+    ) -> Answer:
         provider = provider_for(deployment.provider)
-        try:
-            if endpoint not in provider.endpoints:
-                raise errors.bad_request(
-                    f"`{deployment.litellm_model}` does not serve /v1/{endpoint}", param="model"
-                )
-            call = provider.build(endpoint, body, deployment, drop_params=self.config.drop_params)
-        except ProxyError as e:
-            e.kind = "unsupported"  # this deployment can't take it; another one may
-            raise
-        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:
-            raise untranslatable(deployment, e) from None
-        headers, redactor = call.headers, self.redactor
-        if self._client_key_goes_to(deployment, client):
-            # No key of our own: the client's key (and org/project) go where it meant them to,
-            # and are kept out of logs like our own keys.
-            if auth := client.headers.get("authorization"):
-                headers = {**headers, "authorization": auth}
-                redactor = redactor.adding(bearer(client.headers) or auth)
-            for name in FORWARDED_CLIENT_HEADERS:
-                if name in client.headers:
-                    headers[name] = client.headers[name]
+        call, native = self._build(provider, client, endpoint, body, deployment)
+        headers, redactor = self._credentials(deployment, client, call.headers)
         stream = bool(body.get("stream")) and endpoint != EMBEDDINGS
         timeout = min(deployment.timeout or self.config.router.timeout, remaining)
         started, t0 = now_utc(), time.perf_counter()
@@ -177,6 +293,7 @@ class Upstream:
             len(exchange.attempts) + 1, deployment.litellm_model, deployment.public_base, started
         )
         exchange.attempts.append(attempt)
+        dialect = client.native.dialect if native and client.native else None
         try:
             if stream:
                 first_byte = deployment.stream_timeout or self.config.router.stream_timeout
@@ -190,18 +307,70 @@ class Upstream:
                     timeout,
                     min(first_byte or timeout, remaining),
                     redactor,
+                    dialect,
                 )
                 attempt.status_code = 200
-                return Answer(deployment, stream=opened)
-            result, raw = await self._call(
+                return Answer(
+                    deployment,
+                    stream=opened,
+                    native=native,
+                    headers=_native_headers(provider, opened.response.headers) if native else None,
+                )
+            result, raw, answer_headers = await self._call(
                 provider, endpoint, deployment, call.url, headers, call.body, timeout, redactor
             )
             attempt.status_code = 200
-            return Answer(deployment, body=result, raw=raw if provider.verbatim else None)
+            return Answer(
+                deployment,
+                body=result,
+                raw=raw if provider.verbatim or native else None,
+                native=native,
+                headers=_native_headers(provider, answer_headers) if native else None,
+            )
         except ProxyError as e:
             redactor.error(e)  # aiohttp's texts may hold a URL with credentials
             attempt.status_code, attempt.error_type = e.status, e.code or e.kind
             raise
+        finally:
+            attempt.latency_ms = (time.perf_counter() - t0) * 1000
+
+    async def forward(
+        self,
+        client: ClientRequest,
+        deployment: Deployment,
+        call: UpstreamCall,
+        exchange: Exchange,
+        timeout: float,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """Send a ready-made call (e.g. a native request the engine doesn't route) as one
+        attempt of `exchange`: the status, the answer's native headers and its redacted bytes.
+        Raises ProxyError when the backend can't be reached or doesn't answer in time."""
+        assert self.session is not None
+        provider = provider_for(deployment.provider)
+        headers, redactor = self._credentials(deployment, client, call.headers)
+        number = len(exchange.attempts) + 1
+        attempt = Attempt(number, deployment.litellm_model, deployment.public_base, now_utc())
+        exchange.attempts.append(attempt)
+        t0 = time.perf_counter()
+        try:
+            async with self.session.post(
+                call.url,
+                data=call.body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
+                raw = redactor.bytes(await resp.read())
+                attempt.status_code = resp.status
+                if resp.status >= 400:
+                    attempt.error_type = "upstream_error"
+                return resp.status, _native_headers(provider, resp.headers), raw
+        except Exception as e:
+            error = call_failure(e, deployment, f"did not answer within {timeout:.1f}s")
+            if not isinstance(error, ProxyError):
+                raise
+            redactor.error(error)
+            attempt.status_code, attempt.error_type = error.status, error.code
+            raise error from None
         finally:
             attempt.latency_ms = (time.perf_counter() - t0) * 1000
 
@@ -215,8 +384,8 @@ class Upstream:
         data: bytes,
         timeout: float,
         redactor: Redactor,
-    ) -> tuple[dict[str, Any], bytes]:
-        """The parsed answer and the (redacted) bytes it was parsed from."""
+    ) -> tuple[dict[str, Any], bytes, Mapping[str, str]]:
+        """The parsed answer, the (redacted) bytes it was parsed from, and its headers."""
         assert self.session is not None
         try:
             async with self.session.post(
@@ -225,7 +394,7 @@ class Upstream:
                 raw = redactor.bytes(await resp.read())
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
-                return provider.parse(endpoint, raw, deployment), raw
+                return provider.parse(endpoint, raw, deployment), raw, resp.headers
         except Exception as e:
             error = call_failure(e, deployment, f"did not answer within {timeout:.1f}s")
             if error is e:
@@ -243,6 +412,7 @@ class Upstream:
         timeout: float,
         first_byte: float,
         redactor: Redactor,
+        native: str | None = None,
     ) -> OpenStream:
         """Open the upstream stream and wait for its first chunk: failing before that point
         is still invisible to the client (the ladder moves on)."""
@@ -254,7 +424,9 @@ class Upstream:
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, redactor.bytes(await resp.read()))
                 translator = provider.stream(endpoint, deployment)
-                if redactor:
+                if native is not None:
+                    translator = NativeTee(translator, redactor)
+                elif redactor:
                     translator = RedactedStream(translator, redactor)
                 first: list[dict[str, Any]] = []
                 while not first:
@@ -273,7 +445,7 @@ class Upstream:
                         break
                     first = translator.feed(data_in)
             read_timeout = deployment.stream_timeout or self.config.router.stream_timeout
-            return OpenStream(resp, translator, first, read_timeout or timeout, redactor)
+            return OpenStream(resp, translator, first, read_timeout or timeout, redactor, native)
         except BaseException as e:
             if resp is not None:
                 resp.close()
@@ -295,3 +467,26 @@ class Upstream:
             with contextlib.suppress(ValueError):
                 error.headers["retry-after"] = str(float(resp.headers["retry-after-ms"]) / 1000)
         return error
+
+
+def _native_headers(provider: Provider, headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers of a backend's answer that go back to a client of its own dialect."""
+    prefixes = provider.native_headers
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(prefixes)}
+
+
+def _refused_optional(
+    client: ClientRequest, body: dict[str, Any], deployment: Deployment, error: ProxyError
+) -> tuple[str, ...]:
+    """The optional parameters to drop after `error`, if it is a refusal (400) of a
+    translated request that carried some: those the refusal names, else all of them."""
+    native = client.native
+    if native is None or not native.optional or error.status != 400:
+        return ()
+    if error.kind not in ("bad_request", "unsupported"):
+        return ()  # a context-window or content-policy 400 has its own fallbacks
+    if provider_for(deployment.provider).native == native.dialect:
+        return ()
+    present = tuple(p for p in native.optional if p in body)
+    named = tuple(p for p in present if p == error.param or p in error.message)
+    return named or present

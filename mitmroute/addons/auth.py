@@ -1,13 +1,15 @@
 """Checks who is calling before the Router calls anything upstream.
 
 With ``general_settings.master_key`` set, every request to an intercepted host needs
-``Authorization: Bearer <master key or virtual key>``; anything else is answered 401 here. The
+``Authorization: Bearer <master key or virtual key>`` (or, as Anthropic's clients send it,
+``x-api-key: <key>``); anything else is answered 401 here. The
 key API (``/key/*``) is answered here too. A virtual key is then held to its ``models``, budget
 and rpm/tpm limits (403 / 429 answered here), and its request carries
 ``flow.metadata["mitmroute.identity"]`` (api_key_hash, key_alias, team) on to the Router. The
-client's Authorization header is removed: a proxy key never goes upstream. Budget reserved on
-admission is settled with the exchange's real cost in the ``response`` / ``error`` hook, or when
-the exchange finishes if that comes later (a stream). Without a master key the proxy stays open.
+client's Authorization and x-api-key headers are removed: a proxy key never goes upstream.
+Budget reserved on admission is settled with the exchange's real cost in the ``response`` /
+``error`` hook, or when the exchange finishes if that comes later (a stream). Without a master
+key the proxy stays open.
 """
 
 from __future__ import annotations
@@ -44,17 +46,17 @@ from mitmroute.bodies import parse_json_object
 from mitmroute.config import RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
-from mitmroute.request import (
-    ROUTED_ENDPOINTS,
-    bearer,
-    endpoint_of,
-    hash_key,
-)
+from mitmroute.request import ROUTED_ENDPOINTS, client_key, endpoint_of, hash_key
 
 log = logging.getLogger("mitmroute.auth")
 
 RESERVATION_KEY = "mitmroute.reservation"
 JSON = {"content-type": "application/json"}
+KEY_HEADERS = ("authorization", "x-api-key")
+MODEL_ENDPOINTS = frozenset({*ROUTED_ENDPOINTS, "messages"})
+"""Endpoints held to a key's models, budget and limits."""
+COUNTING_ENDPOINTS = frozenset({"messages/count_tokens"})
+"""Endpoints held to a key's models only (they cost nothing)."""
 
 
 def invalid_key(message: str) -> ProxyError:
@@ -195,10 +197,12 @@ class KeyAuth:
 
     async def _authenticate(self, flow: http.HTTPFlow, state: _State, route: str | None) -> None:
         assert state.master_hash is not None
-        presented = bearer({"authorization": flow.request.headers.get("authorization", "")})
+        presented = client_key({name: flow.request.headers.get(name, "") for name in KEY_HEADERS})
         if presented is None:
-            raise invalid_key("Missing API key: send `Authorization: Bearer <key>` with the "
-                              "proxy's master key or a virtual key.")  # fmt: skip
+            raise invalid_key(
+                "Missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`) "
+                "with the proxy's master key or a virtual key."
+            )
         token = hash_key(presented)
         is_master = hmac.compare_digest(token, state.master_hash)
         record = None
@@ -222,7 +226,8 @@ class KeyAuth:
                                         Caller(is_master, record))  # fmt: skip
             flow.response = http.Response.make(status, json.dumps(body).encode(), JSON)
             return
-        del flow.request.headers["authorization"]
+        for name in KEY_HEADERS:
+            flow.request.headers.pop(name, None)
         if record is None:
             flow.metadata[IDENTITY_KEY] = {"api_key_hash": token, "key_alias": None,
                                            "team": None}  # fmt: skip
@@ -239,7 +244,10 @@ class KeyAuth:
         """
         assert state.admin is not None and state.estimator is not None
         endpoint = endpoint_of(flow.request.path)
-        if flow.request.method != "POST" or endpoint not in ROUTED_ENDPOINTS:
+        if flow.request.method != "POST":
+            return
+        counting = endpoint in COUNTING_ENDPOINTS
+        if (endpoint not in MODEL_ENDPOINTS and not counting) or (counting and not record.models):
             return
         policy = Policy.of(record, state.config.general)
         estimate = 0
@@ -251,6 +259,8 @@ class KeyAuth:
                 return
             if not record.allows(model, state.estimator.group_of(model)):
                 raise model_denied(model, record)
+            if counting:
+                return
             if policy.max_budget is not None:
                 embeddings = endpoint == "embeddings"
                 estimate = state.estimator.estimate(model, body, len(raw), embeddings)

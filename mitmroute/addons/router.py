@@ -35,6 +35,7 @@ from mitmroute.passthrough import Passthrough
 from mitmroute.request import JSON_HEADERS, ClientRequest, Reply
 from mitmroute.spend.tokens import warm_up
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
+from mitmroute.streaming.tap import PassthroughTap
 
 log = logging.getLogger("mitmroute")
 
@@ -142,13 +143,14 @@ class Router:
         exchange = reply.exchange
         assert exchange is not None
 
-        def finish(status: int, usage: Usage | None, size: int, error: str | None) -> None:
+        def finish(status: int, usage: Usage | None, body: bytes | None, error: str | None) -> None:
             exchange.error_type = error or exchange.error_type
-            engine.finish_passthrough(exchange, status, None, usage)
+            engine.finish_passthrough(exchange, status, body, usage)
 
         timeout = engine.config.router.timeout
         try:
-            forwarded = await self.passthrough.forward(request, timeout, finish)
+            tap = PassthroughTap(exchange)
+            forwarded = await self.passthrough.forward(request, tap, timeout, finish)
         except ProxyError as e:
             exchange.error_type = e.code
             engine.finish_passthrough(exchange, e.status, None, None)

@@ -3,6 +3,12 @@
 Requests go to `POST {api_base}/v1/messages` with `anthropic-version: 2023-06-01` (API version
 2026-10-21 rejects `temperature`/`top_p`, which OpenAI clients send routinely).
 
+Clients that speak the Messages API themselves (`mitmroute.inbound.anthropic`) are served
+natively (`build_native`): their body goes upstream with only `model` and the credentials
+swapped, with their own `anthropic-version` and `anthropic-beta` headers and query string, and
+the answer (body or SSE bytes) goes back unchanged; it is still read here (`parse`, `stream`)
+for the spend log and the cache.
+
 Translation choices beyond plain renames:
 
 - system and developer messages (wherever they appear) become `system`, in order: a string, or
@@ -24,9 +30,9 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmroute.config import Deployment
 from mitmroute.errors import ProxyError, bad_request, upstream_error
@@ -34,7 +40,12 @@ from mitmroute.exchange import Usage
 from mitmroute.providers.base import CHAT, Provider, StreamTranslator, UpstreamCall
 from mitmroute.streaming.sse import Event, SSEParser
 
+if TYPE_CHECKING:
+    from mitmroute.request import NativeRequest
+
 ANTHROPIC_VERSION = "2023-06-01"
+NATIVE_CLIENT_HEADERS = ("anthropic-version", "anthropic-beta")
+"""A native client's own headers that go upstream with its request."""
 DEFAULT_MAX_TOKENS = 4096
 # `max_tokens` sent when the client gives none: the model's documented output limit. The
 # longest prefix of the model name wins, so dated ids (claude-opus-4-20250514) match too.
@@ -521,10 +532,31 @@ class AnthropicStream(StreamTranslator):
 
 
 class AnthropicProvider(Provider):
-    """`anthropic/<model>` deployments: chat completions via the Messages API."""
+    """`anthropic/<model>` deployments: chat completions via the Messages API, and Messages
+    requests as they are."""
 
     name = "anthropic"
     endpoints = frozenset({CHAT})
+    native = "anthropic"
+    native_headers = ("request-id", "anthropic-ratelimit-")
+
+    def build_native(
+        self, native: NativeRequest, client_headers: Mapping[str, str], deployment: Deployment
+    ) -> UpstreamCall:
+        payload = {**native.body, "model": deployment.model}
+        headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
+        for name in NATIVE_CLIENT_HEADERS:
+            if value := client_headers.get(name):
+                headers[name] = value
+        if deployment.api_key:
+            headers["x-api-key"] = deployment.api_key
+        headers.update(deployment.extra_headers)
+        url = messages_url(deployment.api_base)
+        if native.endpoint != "messages":
+            url += native.endpoint.removeprefix("messages")
+        if native.query:
+            url += "?" + native.query
+        return UpstreamCall("POST", url, headers, json.dumps(payload).encode())
 
     def build(
         self, endpoint: str, body: dict[str, Any], deployment: Deployment, *, drop_params: bool

@@ -8,12 +8,16 @@ Providers are pure: no I/O, so they are tested without a network.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmroute.config import Deployment
 from mitmroute.errors import ProxyError, upstream_error
 from mitmroute.exchange import Usage
+
+if TYPE_CHECKING:
+    from mitmroute.request import NativeRequest
 
 CHAT = "chat/completions"
 COMPLETIONS = "completions"
@@ -57,6 +61,11 @@ class Provider(ABC):
     endpoints: frozenset[str] = frozenset({CHAT})
     verbatim: bool = False
     """True when the backend's non-streamed answers are already OpenAI's and go out as sent."""
+    native: str | None = None
+    """The inbound dialect this backend speaks itself (`anthropic`): its requests are sent as
+    the client wrote them (`build_native`) and its answers go back unchanged."""
+    native_headers: tuple[str, ...] = ()
+    """Prefixes of the answer's header names that go back to a native client with it."""
 
     @abstractmethod
     def build(
@@ -68,6 +77,13 @@ class Provider(ABC):
         ProxyError (400 naming the parameter) for what the backend can't do, unless
         `drop_params`, in which case drop it.
         """
+
+    def build_native(
+        self, native: NativeRequest, client_headers: Mapping[str, str], deployment: Deployment
+    ) -> UpstreamCall:
+        """The upstream request for a request in this provider's own dialect (`native`): the
+        client's body with only the model and credentials swapped."""
+        raise NotImplementedError(f"{self.name} speaks no inbound dialect")
 
     @abstractmethod
     def parse(self, endpoint: str, raw: bytes, deployment: Deployment) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Ollama's native API (`ollama/` and `ollama_chat/`): /api/chat, /api/generate, /api/embed.
 
 Streams are NDJSON; `prompt_eval_count` / `eval_count` become OpenAI `usage`.
+`reasoning_effort` asks a thinking model to think (`think: true`); its `thinking` comes back
+as `reasoning_content`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mitmroute.providers.base import (
 OPTION_NAMES = {
     "temperature": "temperature",
     "top_p": "top_p",
+    "top_k": "top_k",
     "max_tokens": "num_predict",
     "max_completion_tokens": "num_predict",
     "stop": "stop",
@@ -47,6 +50,7 @@ IGNORED = {
     "metadata",
     "store",
     "parallel_tool_calls",
+    "reasoning_effort",
 }
 DONE_REASONS = {"stop": "stop", "length": "length", "load": "stop"}
 
@@ -171,6 +175,8 @@ class OllamaStream(StreamTranslator):
             if not self._started:
                 delta["role"] = "assistant"
                 self._started = True
+            if message.get("thinking"):
+                delta["reasoning_content"] = message["thinking"]
             if message.get("content"):
                 delta["content"] = message["content"]
             calls = _tool_calls(message)
@@ -220,6 +226,8 @@ class OllamaProvider(Provider):
                 out["messages"] = [_message(m) for m in body.get("messages") or ()]
                 if body.get("tools"):
                     out["tools"] = body["tools"]
+                if body.get("reasoning_effort"):
+                    out["think"] = True
             else:
                 path, out["prompt"] = "/api/generate", body.get("prompt")
             response_format = body.get("response_format") or {}
@@ -267,6 +275,8 @@ class OllamaProvider(Provider):
         message = payload.get("message") or {}
         calls = _tool_calls(message)
         out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        if message.get("thinking"):
+            out_message["reasoning_content"] = message["thinking"]
         if calls:
             out_message["tool_calls"] = calls
             reason = "tool_calls"

@@ -4,11 +4,16 @@ Each read from the backend is translated and written at once (never buffered who
 chunk the router asked for is stripped when the client didn't ask for it; a stream that breaks,
 stalls or ends early finishes with an SSE error event the openai SDK raises on, never as a
 silently truncated success.
+
+A native stream (the backend speaks the client's own dialect, `OpenStream.native`) goes to the
+client as the backend sent it (redacted), still translated on the side for the books; a
+failure of ours ends it with an error event in that dialect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,8 +22,8 @@ import aiohttp
 
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
-from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error
-from mitmroute.upstream import OpenStream
+from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error, encode_native_error
+from mitmroute.upstream import NativeTee, OpenStream
 
 
 def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usage: bool) -> bytes:
@@ -33,6 +38,25 @@ def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usa
     return b"".join(out)
 
 
+def _tee(chunks: list[dict[str, Any]], assembler: ChunkAssembler, tee: NativeTee) -> bytes:
+    for chunk in chunks:
+        assembler.add(chunk)
+    return tee.take()
+
+
+def _failure(opened: OpenStream, message: str, status: int, etype: str, code: str | None) -> bytes:
+    """The stream's last bytes when it fails: an error event the client's SDK raises on."""
+    if opened.native is None:
+        return encode_error(message, etype=etype, code=code)
+    tee = opened.translator
+    assert isinstance(tee, NativeTee)
+    pending = tee.take()
+    if tee.failed:  # the backend's own error event is in what it sent
+        return pending
+    error = ProxyError(status, message, etype, code=code)
+    return pending + encode_native_error(error, opened.native)
+
+
 async def pipe_stream(
     opened: OpenStream,
     exchange: Exchange,
@@ -44,42 +68,47 @@ async def pipe_stream(
     """Yield the client's SSE bytes; `on_end(assembler, complete)` runs once, however it ends."""
     assembler = ChunkAssembler()
     resp, translator = opened.response, opened.translator
+    render: Callable[[list[dict[str, Any]]], bytes]
+    if isinstance(translator, NativeTee):
+        render = functools.partial(_tee, assembler=assembler, tee=translator)
+    else:
+        render = functools.partial(_render, assembler=assembler, include_usage=include_usage)
     try:
-        first = _render(opened.first, assembler, include_usage)
+        first = render(opened.first)
         exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
         yield first
         while True:
             data = await asyncio.wait_for(resp.content.readany(), opened.read_timeout)
             if not data:
                 break
-            if out := _render(translator.feed(data), assembler, include_usage):
+            if out := render(translator.feed(data)):
                 yield out
-        if out := _render(translator.finish(), assembler, include_usage):
+        if out := render(translator.finish()):
             yield out
         if not (translator.done or assembler.finished):
-            raise ProxyError(
-                502, f"{label} ended the stream early", "server_error",
-                code="upstream_stream_truncated",
-            )  # fmt: skip
-        yield DONE
+            message = f"{label} ended the stream early"
+            raise ProxyError(502, message, "server_error", code="upstream_stream_truncated")
+        if opened.native is None:
+            yield DONE
     except ProxyError as e:
         opened.redactor.error(e)
         exchange.error_type, exchange.status_code = e.code or e.type, e.status
-        yield encode_error(e.message, etype=e.type, code=e.code)
+        yield _failure(opened, e.message, e.status, e.type, e.code)
     except TimeoutError:
         exchange.error_type, exchange.status_code = "upstream_stream_stalled", 504
-        yield encode_error(f"{label} stalled mid-stream", code="upstream_stream_stalled")
+        message = f"{label} stalled mid-stream"
+        yield _failure(opened, message, 504, "server_error", "upstream_stream_stalled")
     except aiohttp.ClientError as e:
         exchange.error_type, exchange.status_code = "upstream_stream_broken", 502
         message = opened.redactor.text(f"{label} broke the stream: {e}")  # may hold a URL
-        yield encode_error(message, code="upstream_stream_broken")
+        yield _failure(opened, message, 502, "server_error", "upstream_stream_broken")
     except (GeneratorExit, asyncio.CancelledError):
         exchange.error_type = "client_disconnected"
         raise
     except Exception as e:  # an answer we could not read: say so in the stream, don't truncate
         exchange.error_type, exchange.status_code = "bad_upstream_stream", 502
-        yield encode_error(f"{label} sent a stream that could not be read: {type(e).__name__}",
-                           code="bad_upstream_stream")  # fmt: skip
+        message = f"{label} sent a stream that could not be read: {type(e).__name__}"
+        yield _failure(opened, message, 502, "server_error", "bad_upstream_stream")
     finally:
         resp.close()
         complete = exchange.error_type is None and (translator.done or assembler.finished)

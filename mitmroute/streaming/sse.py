@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from mitmroute import errors
 from mitmroute.exchange import Usage
 
 DONE = b"data: [DONE]\n\n"
@@ -71,6 +72,11 @@ def encode_error(message: str, *, etype: str = "server_error", code: str | None 
     """An SSE error event the openai SDK raises on (it checks `error` in each data object)."""
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def encode_native_error(error: errors.ProxyError, dialect: str) -> bytes:
+    """An `event: error` in a native (Anthropic) stream, as its SDK raises on."""
+    return b"event: error\ndata: " + errors.render(error, dialect) + b"\n\n"
 
 
 @dataclass(slots=True)

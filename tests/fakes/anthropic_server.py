@@ -35,6 +35,11 @@ Scripted behaviours, chosen by the text of the last user turn (case-insensitive)
     tool results     (a last user turn with tool_result blocks) "Got the tool result: ..."
     anything else    "Hello from fake Claude! You said: <text>"
 
+`POST /v1/messages/count_tokens` answers `{"input_tokens": N}` (N as for a message, cache
+prefix included) and refuses what the real endpoint does: fields a count can't take
+(`max_tokens`, `stream`, `metadata`, ...) and the message checks above; "fail NNN" works there
+too.
+
 The text is cut at the first stop sequence (stop_reason "stop_sequence") and at `max_tokens`
 words (stop_reason "max_tokens").
 
@@ -68,6 +73,21 @@ TOP_LEVEL = frozenset({
     "container", "output_config", "mcp_servers", "context_management", "inference_geo",
     "cache_control",
 })  # fmt: skip
+COUNT_TOP_LEVEL = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "cache_control",
+        "speed",
+        "context_management",
+        "mcp_servers",
+    }
+)
 BLOCK_KEYS = {
     "text": {"type", "text", "cache_control", "citations"},
     "image": {"type", "source", "cache_control"},
@@ -113,6 +133,9 @@ class Received:
     body: Any
     status: int = 200
     usage: dict[str, int] | None = None
+    query: str = ""
+    sent: bytes = b""
+    """The body of the answer, exactly as written (streams: every event)."""
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -139,19 +162,19 @@ def check_headers(headers: Any, api_key: str | None) -> str:
     return version
 
 
-def check_body(body: Any, version: str) -> None:
-    """Raise Reject(400) for what the Messages API refuses."""
+def check_body(body: Any, version: str, *, count: bool = False) -> None:
+    """Raise Reject(400) for what the Messages API (or, `count`, count_tokens) refuses."""
     if not isinstance(body, dict):
         raise Reject(400, "request body must be a JSON object")
     for key in body:
-        if key not in TOP_LEVEL:
+        if key not in (COUNT_TOP_LEVEL if count else TOP_LEVEL):
             raise Reject(400, f"{key}: Extra inputs are not permitted")
-    for key in ("model", "max_tokens", "messages"):
+    for key in ("model", "messages") if count else ("model", "max_tokens", "messages"):
         if key not in body:
             raise Reject(400, f"{key}: Field required")
     if not isinstance(body["model"], str) or not body["model"]:
         raise Reject(400, "model: Input should be a valid string")
-    mt = body["max_tokens"]
+    mt = body.get("max_tokens", 0)
     if isinstance(mt, bool) or not isinstance(mt, int) or mt < 0:
         raise Reject(400, "max_tokens: Input should be a valid non-negative integer")
     for key in SAMPLING:
@@ -186,6 +209,10 @@ def _check_tools(tools: Any, choice: Any) -> None:
     for i, tool in enumerate(tools or []):
         if not isinstance(tool, dict) or not TOOL_NAME.match(str(tool.get("name"))):
             raise Reject(400, f"tools.{i}.name: String should match pattern '{TOOL_NAME.pattern}'")
+        if tool.get("type") not in (None, "custom"):  # a server tool: its own fields, no schema
+            _check_cache_control(tool, f"tools.{i}")
+            names.append(tool["name"])
+            continue
         schema = tool.get("input_schema")
         if not isinstance(schema, dict) or schema.get("type") != "object":
             raise Reject(400, f"tools.{i}.input_schema.type: Input should be 'object'")
@@ -484,6 +511,7 @@ class FakeAnthropic:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
@@ -491,17 +519,39 @@ class FakeAnthropic:
         body = error_body(404, f"Not found: {request.path}", "not_found_error", "req_fake_404")
         return web.json_response(body, status=404)
 
-    async def _messages(self, request: web.Request) -> web.StreamResponse:
-        n = len(self.requests)
-        rid = f"req_fake_{n}"
+    async def _received(self, request: web.Request) -> Received:
         raw = await request.read()
         try:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in request.headers.items()}
-        rec = Received(request.method, request.path, headers, body)
+        rec = Received(request.method, request.path, headers, body, query=request.query_string)
         self.requests.append(rec)
+        return rec
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        rid = f"req_fake_{len(self.requests)}"
+        rec = await self._received(request)
+        try:
+            version = check_headers(request.headers, self.api_key)
+            if not isinstance(rec.body, dict):
+                raise Reject(400, "There was an issue with your request body: invalid JSON")
+            check_body(rec.body, version, count=True)
+            plan({**rec.body, "max_tokens": 1 << 30})  # the failure triggers
+        except Reject as e:
+            rec.status = e.status
+            payload = error_body(e.status, e.message, e.etype, rid)
+            return web.json_response(payload, status=e.status, headers={"request-id": rid})
+        body = rec.body
+        tokens = _json_tokens([body.get("tools") or [], body.get("system") or "", body["messages"]])
+        return web.json_response({"input_tokens": tokens}, headers={"request-id": rid})
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        n = len(self.requests)
+        rid = f"req_fake_{n}"
+        rec = await self._received(request)
+        body = rec.body
         try:
             version = check_headers(request.headers, self.api_key)
             if isinstance(body, str):
@@ -520,12 +570,15 @@ class FakeAnthropic:
         if not body.get("stream"):
             if p.slow:
                 await asyncio.sleep(SLOW_DELAY)
-            return web.json_response(message, headers={"request-id": rid})
+            rec.sent = json.dumps(message).encode()
+            headers = {"request-id": rid, "anthropic-ratelimit-requests-remaining": "99"}
+            return web.Response(body=rec.sent, content_type="application/json", headers=headers)
         resp = web.StreamResponse(headers={**SSE_HEADERS, "request-id": rid})
         await resp.prepare(request)
         for event in stream_events(message, p):
             if p.slow and event.startswith(b"event: content_block_delta"):
                 await asyncio.sleep(SLOW_DELAY)
+            rec.sent += event
             await resp.write(event)
         await resp.write_eof()
         return resp

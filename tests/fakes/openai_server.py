@@ -17,6 +17,14 @@ Behaviour is chosen by the model name the proxy sends, so one fake serves every 
                       ("Incorrect API key provided: Bearer sk-...")
   leaky-echo          answers "echo: <the key it received>" (streamed and not)
   leaky-break         streams two chunks, pauses, then an error event naming the key it received
+  strict-<anything>   refuses `top_k`, `reasoning_effort` and more than 16384 output tokens as
+                      api.openai.com does for gpt-4o (400 naming the first), else answers
+
+Tools (chat and Ollama): a request with `tools` whose last user text says "use tool" is
+answered with a call of the first tool (arguments sampled from its schema, streamed in small
+pieces); a last `tool` message is answered "tool said: <its content>". Tool messages must
+answer the assistant tool calls right before them, and every call must be answered (400
+otherwise, as OpenAI does).
 
 Token counts are deterministic: prompt_tokens = words in all messages, completion_tokens =
 words in the answer. `GET /_stats` returns {"requests": [...bodies...], "usage": totals}.
@@ -142,6 +150,92 @@ async def _fault(model: str, state: Behaviour, request: web.Request) -> web.Stre
     return None
 
 
+STRICT_REFUSED = {
+    "top_k": "Unrecognized request argument supplied: top_k",
+    "reasoning_effort": "Unsupported parameter: 'reasoning_effort' is not supported with this "
+    "model.",
+}
+
+
+def _strict(model: str, body: dict[str, Any]) -> web.Response | None:
+    if not model.startswith("strict-"):
+        return None
+    refused = [(p, m, "unsupported_parameter") for p, m in STRICT_REFUSED.items() if p in body]
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    if limit > 16384:
+        message = (
+            f"max_tokens is too large: {limit}. This model supports at most 16384 "
+            f"completion tokens, whereas you provided {limit}."
+        )
+        refused.append(("max_tokens", message, "invalid_value"))
+    if not refused:
+        return None
+    param, message, code = refused[0]  # OpenAI names the first problem only
+    error = {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    return web.json_response({"error": error}, status=400)
+
+
+def _tool_pairing(messages: list[dict[str, Any]]) -> web.Response | None:
+    """OpenAI's 400s for tool messages that don't answer the tool calls before them."""
+    expected: set[str] = set()
+    for i, m in enumerate(messages):
+        if m.get("role") == "tool":
+            if m.get("tool_call_id") not in expected:
+                message = (
+                    "Invalid parameter: messages with role 'tool' must be a response to a "
+                    f"preceeding message with 'tool_calls' (messages.[{i}])."
+                )
+                return web.json_response(
+                    {
+                        "error": {
+                            "message": message,
+                            "type": "invalid_request_error",
+                            "param": f"messages.[{i}]",
+                            "code": None,
+                        }
+                    },
+                    status=400,
+                )
+            expected.discard(m["tool_call_id"])
+            continue
+        if expected:
+            message = (
+                "An assistant message with 'tool_calls' must be followed by tool messages "
+                f"responding to each 'tool_call_id'. Missing: {sorted(expected)}"
+            )
+            return web.json_response(
+                {
+                    "error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": "messages",
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
+        expected = {c["id"] for c in m.get("tool_calls") or ()}
+    return None
+
+
+def _sample(schema: dict[str, Any]) -> Any:
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: _sample(v) for k, v in (schema.get("properties") or {}).items()}
+    return {"string": "test", "integer": 1, "number": 1.5, "boolean": True, "array": []}.get(kind)
+
+
+def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool call a request asks for ("use tool" with tools), else None."""
+    tools = body.get("tools") or []
+    last = (body.get("messages") or [{}])[-1]
+    if not tools or last.get("role") != "user" or "use tool" not in _text_of(last.get("content")):
+        return None
+    fn = tools[0]["function"]
+    arguments = json.dumps(_sample(fn.get("parameters") or {"type": "object"}))
+    return {"name": fn["name"], "arguments": arguments}
+
+
 def _answer_words(body: dict[str, Any]) -> tuple[list[str], int]:
     messages = body.get("messages")
     if messages is None:
@@ -149,6 +243,8 @@ def _answer_words(body: dict[str, Any]) -> tuple[list[str], int]:
         text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
         return ["echo:", *text.split()], _words(text)
     prompt_words = sum(_words(_text_of(m.get("content"))) for m in messages)
+    if messages and messages[-1].get("role") == "tool":
+        return ["tool", "said:", *_text_of(messages[-1].get("content")).split()], prompt_words
     last = next(
         (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
     )
@@ -173,7 +269,13 @@ def make_app(state: Behaviour) -> web.Application:
         model = body.get("model", "")
         if (fault := await _fault(model, state, request)) is not None:
             return fault
+        refused = _strict(model, body) or _tool_pairing(body.get("messages") or [])
+        if refused is not None:
+            return refused
         words, prompt_tokens = _answer_words(body)
+        call = _tool_call(body)
+        if call is not None:
+            return await _tool_answer(request, body, call, state, prompt_tokens)
         if model == "leaky-echo":
             words = ["echo:", _key_of(request).removeprefix("Bearer ")]
         is_chat = request.path.endswith("chat/completions")
@@ -253,6 +355,65 @@ def make_app(state: Behaviour) -> web.Application:
         await resp.write_eof()
         return resp
 
+    async def _tool_answer(
+        request: web.Request,
+        body: dict[str, Any],
+        call: dict[str, Any],
+        state: Behaviour,
+        prompt_tokens: int,
+    ) -> web.StreamResponse:
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:12]}", int(time.time())
+        call_id = f"call_{uuid.uuid4().hex[:12]}"
+        completion_tokens = max(1, len(call["arguments"]) // 4)
+        base = {"id": cid, "created": created, "model": body["model"]}
+        if not body.get("stream"):
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": call_id, "type": "function", "function": call}],
+            }
+            choice = {
+                "index": 0,
+                "message": message,
+                "finish_reason": "tool_calls",
+                "logprobs": None,
+            }
+            return web.json_response(
+                {
+                    **base,
+                    "object": "chat.completion",
+                    "choices": [choice],
+                    "usage": state.usage(prompt_tokens, completion_tokens),
+                }
+            )
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+
+        async def send(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any):
+            choices = (
+                [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            )
+            chunk = {**base, "object": "chat.completion.chunk", "choices": choices, **extra}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        await send({"role": "assistant", "content": None})
+        head = {
+            "index": 0,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": call["name"], "arguments": ""},
+        }
+        await send({"tool_calls": [head]})
+        args = call["arguments"]
+        for i in range(0, len(args), 5):
+            await send({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 5]}}]})
+        await send({}, "tool_calls")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await send(None, usage=state.usage(prompt_tokens, completion_tokens))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
     async def embeddings(request: web.Request) -> web.Response:
         body = await request.json()
         state.record(request, body)
@@ -282,7 +443,20 @@ def make_app(state: Behaviour) -> web.Application:
             return web.json_response({"error": "fake failure"}, status=int(model[5:]))
         if "stream" not in body:
             return web.json_response({"error": "test fake wants `stream` explicit"}, status=400)
+        if body.get("think") and not model.startswith("think"):
+            return web.json_response({"error": f'"{model}" does not support thinking'}, status=400)
         words, prompt_tokens = _answer_words(body)
+        call = _tool_call(body)
+        thinking = "Let me think." if body.get("think") else ""
+        if call is not None:
+            words = []
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [
+                    {"function": {"name": call["name"], "arguments": json.loads(call["arguments"])}}
+                ],
+            }
         final = {
             "model": model,
             "created_at": "2026-11-24T00:00:00Z",
@@ -300,9 +474,23 @@ def make_app(state: Behaviour) -> web.Application:
                 if is_chat
                 else {"response": text}
             )
+            if call is not None:
+                payload = {"message": message}
+            if thinking:
+                payload["message"]["thinking"] = thinking
             return web.json_response({**final, **payload})
         resp = web.StreamResponse(headers={"content-type": "application/x-ndjson"})
         await resp.prepare(request)
+        if thinking:
+            line = {
+                "model": model,
+                "done": False,
+                "message": {"role": "assistant", "content": "", "thinking": thinking},
+            }
+            await resp.write(json.dumps(line).encode() + b"\n")
+        if call is not None:
+            line = {"model": model, "done": False, "message": message}
+            await resp.write(json.dumps(line).encode() + b"\n")
         for i, word in enumerate(words):
             text = word if i == 0 else " " + word
             payload = (
