@@ -66,7 +66,7 @@ class Draft:
             "output": output,
             **self.echo,
             "max_tool_calls": None,
-            "usage": usage_of(usage),
+            **({"usage": usage_of(usage)} if usage is not None else {}),
         }
 
 

@@ -213,8 +213,7 @@ def translate(
         "tools": echo_tools,
         "top_p": body.get("top_p", 1.0),
         "truncation": truncation or "disabled",
-        "user": body.get("user"),
-        **{k: body[k] for k in HINTS if body.get(k) is not None},
+        **{k: body[k] for k in ("user", *HINTS) if body.get(k) is not None},
     }
     return Translated(chat, echo, tools, items, stream, store is not False, previous)
 
