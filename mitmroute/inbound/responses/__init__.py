@@ -114,8 +114,12 @@ class ResponsesInbound:
         store = self.store_for(engine)
         context = None
         if (previous := body.get("previous_response_id")) is not None:
+            if not isinstance(previous, str):
+                raise errors.bad_request(
+                    "`previous_response_id` must be a string", param="previous_response_id"
+                )
             stored = None
-            if isinstance(previous, str) and RESPONSE_ID.fullmatch(previous):
+            if RESPONSE_ID.fullmatch(previous):
                 stored = await store.get(previous, owner)
             if stored is None:
                 raise ProxyError(

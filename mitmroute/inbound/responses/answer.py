@@ -152,6 +152,15 @@ def reasoning_text(message: dict[str, Any]) -> str | None:
     return None
 
 
+def _text_of(content: Any) -> str:
+    """A message's text: a string, or the text of its parts (some servers send parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return ""
+
+
 def output_of(completion: dict[str, Any], tools: ToolTable) -> tuple[list[Item], str | None]:
     """The output items of a `chat.completion`, and its finish reason."""
     choices = completion.get("choices") or [{}]
@@ -162,11 +171,11 @@ def output_of(completion: dict[str, Any], tools: ToolTable) -> tuple[list[Item],
     items: list[Item] = []
     if (thought := reasoning_text(message)) is not None:
         items.append(reasoning_item(new_id("rs"), thought, "completed"))
-    calls = message.get("tool_calls") or []
+    calls = [c for c in message.get("tool_calls") or () if isinstance(c, dict)]
     parts = []
-    if message.get("content"):
-        parts.append(output_text(message["content"]))
-    if message.get("refusal"):
+    if text := _text_of(message.get("content")):
+        parts.append(output_text(text))
+    if isinstance(message.get("refusal"), str) and message["refusal"]:
         parts.append({"type": "refusal", "refusal": message["refusal"]})
     if parts or not calls:
         items.append(message_item(new_id("msg"), parts or [output_text("")], status))

@@ -222,6 +222,8 @@ def translate(
 
 
 def _check_fields(body: dict[str, Any]) -> None:
+    for key in HINTS:
+        _optional(body, key, str)
     for key, value in body.items():
         if key in TRANSLATED or key in KEPT or key in IGNORED or key in HINTS:
             continue
@@ -272,10 +274,11 @@ def _reasoning(body: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not isinstance(reasoning, dict):
         raise _bad("`reasoning` must be an object", param="reasoning")
-    effort = reasoning.get("effort")
-    if effort is not None and not isinstance(effort, str):
-        raise _bad("`reasoning.effort` must be a string", param="reasoning.effort")
-    return {"effort": effort, "summary": reasoning.get("summary")}
+    picked = {k: reasoning.get(k) for k in ("effort", "summary")}
+    for key, value in picked.items():
+        if value is not None and not isinstance(value, str):
+            raise _bad(f"`reasoning.{key}` must be a string", param=f"reasoning.{key}")
+    return picked
 
 
 def _text(body: dict[str, Any]) -> dict[str, Any]:
@@ -292,6 +295,8 @@ def _text(body: dict[str, Any]) -> dict[str, Any]:
             "`text.format.type` must be 'text', 'json_schema' or 'json_object'",
             param="text.format",
         )
+    if text.get("verbosity") is not None and not isinstance(text["verbosity"], str):
+        raise _bad("`text.verbosity` must be a string", param="text.verbosity")
     return {k: v for k, v in text.items() if k in ("format", "verbosity") and v is not None}
 
 
@@ -359,6 +364,8 @@ def _chat_tool(
     if not isinstance(name, str) or not name:
         raise _bad(f"{where} needs a `name`", param=f"{where}.name")
     description = tool.get("description")
+    if description is not None and not isinstance(description, str):
+        raise _bad(f"{where}.description must be a string", param=f"{where}.description")
     if tool["type"] == "custom":
         function = {"name": table.add(ToolSpec("custom", name, namespace))}
         function["description"] = _custom_description(description, tool.get("format"))
@@ -442,6 +449,8 @@ def _item(item: Any, where: str) -> Item:
     if not isinstance(item, dict):
         raise _bad(f"{where} must be an object", param=where)
     kind = item.get("type", "message" if "role" in item else None)
+    if not isinstance(kind, str):
+        raise _bad(f"{where} needs a `type`", param=where)
     if kind == "message":
         return _message(item, where)
     if kind in CALLS:
