@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Proxy, deployment
 from tests.fakes.anthropic_server import FakeAnthropic
+from tests.fakes.openai_server import FakeBackend
 from tests.fakes.tool_chat_server import ToolChatServer
 
 IN_PRICE, OUT_PRICE = Decimal("0.000003"), Decimal("0.000015")
@@ -33,7 +34,9 @@ WEATHER = {
 
 
 @pytest.fixture(scope="module")
-def proxy(confdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+def proxy(
+    confdir: Path, tmp_path_factory: pytest.TempPathFactory, backend: FakeBackend
+) -> Iterator[Proxy]:
     with ToolChatServer() as chat, FakeAnthropic(api_key="sk-ant-backend") as claude:
         config = {
             "model_list": [
@@ -46,6 +49,7 @@ def proxy(confdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
                     api_key="sk-ant-backend",
                     **PRICES,
                 ),
+                deployment("breaks", "openai/break", f"{backend.url}/v1", api_key="sk-b"),
             ],
             "router_settings": {"num_retries": 0},
             "general_settings": {"passthrough_unknown_models": False},
@@ -146,6 +150,21 @@ def test_a_hosted_tool_is_refused_with_a_400_naming_it(proxy: Proxy, tool: dict)
         client.responses.create(model="claude", input="search the web", tools=[tool])
     assert refused.value.status_code == 400
     assert f"`{tool['type']}`" in str(refused.value)
+
+
+def test_a_stream_broken_mid_way_ends_with_response_failed(proxy: Proxy) -> None:
+    with proxy.client() as client:
+        events = list(client.responses.create(model="breaks", input="a b c d e", stream=True))
+        assert events[0].type == "response.created"
+        assert any(e.type == "response.output_text.delta" for e in events)
+        error, failed = events[-2:]
+        assert error.type == "error" and failed.type == "response.failed"
+        assert failed.response.status == "failed" and failed.response.error is not None
+        with (
+            client.responses.stream(model="breaks", input="a b c d e") as stream,
+            pytest.raises(RuntimeError, match=r"response\.completed"),
+        ):
+            stream.get_final_response()
 
 
 def spend_rows(proxy: Proxy, ids: list[str]) -> dict[str, tuple]:

@@ -205,7 +205,7 @@ def test_any_responses_body_is_a_400_or_a_chat_body_every_provider_takes(
     body: dict[str, Any], hints: bool
 ) -> None:
     try:
-        translated = translate(body, openai_hints=hints)
+        translated = translate(body, openai_only=hints)
     except ProxyError as e:
         assert e.status == 400 and e.message
         return

@@ -261,7 +261,7 @@ def test_openai_only_hints_go_upstream_only_when_allowed() -> None:
         "prompt_cache_key": "k",
         "safety_identifier": "s",
     }
-    hinted = translate(body, openai_hints=True)
+    hinted = translate(body, openai_only=True)
     assert hinted.chat["reasoning_effort"] == "high" and hinted.chat["verbosity"] == "low"
     assert hinted.chat["service_tier"] == "flex" and hinted.chat["prompt_cache_key"] == "k"
     plain = translate(body)
@@ -275,6 +275,20 @@ def test_openai_only_hints_go_upstream_only_when_allowed() -> None:
         "text",
     } & set(plain.chat)
     assert plain.echo["reasoning"] == {"effort": "high", "summary": "auto"}
+
+
+def test_file_parts_go_only_to_openai_compatible_deployments() -> None:
+    part = {
+        "type": "input_file",
+        "filename": "a.pdf",
+        "file_data": "data:application/pdf;base64,AA",
+    }
+    body = {"model": "m", "input": [{"role": "user", "content": [part]}]}
+    sent = translate(body, openai_only=True).chat["messages"][0]["content"]
+    assert sent == [{"type": "file", "file": {"file_data": part["file_data"], "filename": "a.pdf"}}]
+    with pytest.raises(ProxyError) as refused:
+        translate(body)
+    assert refused.value.status == 400 and "input_file" in refused.value.message
 
 
 def test_kept_and_ignored_fields_never_go_upstream() -> None:

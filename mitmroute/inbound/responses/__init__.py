@@ -131,7 +131,7 @@ class ResponsesInbound:
                     kind="bad_request",
                 )
             context = stored.context
-        translated = translate(body, context, openai_hints=openai_only(engine.config, group))
+        translated = translate(body, context, openai_only=openai_only(engine.config, group))
         chat = ClientRequest(
             method="POST",
             path="/v1/chat/completions",

@@ -1,6 +1,6 @@
 """A Responses API request (`POST /v1/responses`) as the engine's chat completions body.
 
-`translate(body, context, openai_hints=...)` checks every field and returns the chat body, the
+`translate(body, context, openai_only=...)` checks every field and returns the chat body, the
 fields the `response` object echoes, the tool table (to name tool calls back) and the input
 items to store. What happens to each field:
 
@@ -12,10 +12,10 @@ items to store. What happens to each field:
   `<namespace>__<name>`), `tool_choice`, `parallel_tool_calls` (both only with tools),
   `max_output_tokens` -> `max_completion_tokens`, `text.format` -> `response_format`,
   `temperature`, `top_p`, `user`, `stream` (with usage, always), mitmroute's own `cache`.
-* OpenAI-only hints, sent only when every deployment the request may reach is
-  OpenAI-compatible (or `drop_params` is on; else they are left out): `reasoning.effort` ->
+* OpenAI-only, for `openai_only` requests (every deployment the request may reach is
+  OpenAI-compatible, or `drop_params` is on): the hints `reasoning.effort` ->
   `reasoning_effort`, `text.verbosity` -> `verbosity`, `service_tier`, `prompt_cache_key`,
-  `safety_identifier`.
+  `safety_identifier` (left out otherwise), and input_file parts (a 400 otherwise).
 * kept by the proxy: `store`, `previous_response_id`, `metadata` (echoed, never sent upstream).
 * accepted and ignored: `include`, `truncation` ("disabled" or "auto": the proxy never
   truncates), `stream_options`, `max_tool_calls`, `prompt_cache_retention`,
@@ -143,7 +143,7 @@ class Translated:
 
 
 def translate(
-    body: dict[str, Any], context: list[Item] | None = None, *, openai_hints: bool = False
+    body: dict[str, Any], context: list[Item] | None = None, *, openai_only: bool = False
 ) -> Translated:
     """The chat body for a (model-checked) Responses request; `context`: the input and output
     of the response `previous_response_id` names. Raises ProxyError (400) naming what is wrong."""
@@ -157,6 +157,12 @@ def translate(
         messages.insert(0, {"role": "system", "content": instructions})
     if not messages:
         raise _bad("`input` must not be empty", param="input")
+    if not openai_only and any(_has_file(item) for item in items):
+        raise _bad(
+            "input_file parts reach only OpenAI-compatible deployments, and this model group "
+            "(or its fallbacks) has others",
+            param="input",
+        )
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
     stream = _optional(body, "stream", bool) or False
     if stream:
@@ -185,7 +191,7 @@ def translate(
     text = _text(body)
     if (fmt := text.get("format")) is not None and fmt.get("type") != "text":
         chat["response_format"] = _response_format(fmt)
-    if openai_hints:
+    if openai_only:
         if reasoning and reasoning.get("effort") is not None:
             chat["reasoning_effort"] = reasoning["effort"]
         if text.get("verbosity") is not None:
@@ -527,6 +533,13 @@ def _part(part: Any, role: str, where: str) -> dict[str, Any]:
             )
         return {k: v for k, v in part.items() if k in ("type", "file_data", "filename")}
     raise _bad(f"{where}: `{kind}` content is not supported in {role} messages", where)
+
+
+def _has_file(item: Item) -> bool:
+    parts = item.get("content") if item["type"] == "message" else item.get("output")
+    return isinstance(parts, list) and any(
+        isinstance(p, dict) and p.get("type") == "input_file" for p in parts
+    )
 
 
 def to_messages(items: list[Item], tools: ToolTable) -> list[dict[str, Any]]:
