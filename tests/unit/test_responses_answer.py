@@ -217,7 +217,7 @@ def test_tool_call_arguments_split_across_chunks_and_interleaved_calls() -> None
 def test_streamed_reasoning_then_text_and_a_custom_tool() -> None:
     events = run(
         [
-            chunk({"reasoning_content": "Think"}),
+            chunk({"reasoning_content": "Think", "reasoning": "Think"}),  # vLLM sends both
             chunk({"reasoning_content": "ing."}),
             chunk({"content": "Patching."}),
             chunk(tool_delta(0, '{"input": "*** Begin', id="c1", name="apply_patch")),

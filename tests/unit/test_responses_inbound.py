@@ -3,6 +3,7 @@ continued with previous_response_id, stored responses read and deleted, spend ro
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -42,7 +43,7 @@ def breaking() -> Iterator[FakeBackend]:
     backend.stop()
 
 
-def config(fake: ToolChatServer, breaking: FakeBackend, **general: Any):
+def config(fake: ToolChatServer, breaking: FakeBackend, cache: bool = False, **general: Any):
     def entry(name: str, model: str, base: str) -> dict[str, Any]:
         params = {
             "model": model,
@@ -63,6 +64,7 @@ def config(fake: ToolChatServer, breaking: FakeBackend, **general: Any):
             ],
             "router_settings": {"num_retries": 0, "fallbacks": [{"gpt-4o": ["local"]}]},
             "general_settings": general,
+            "litellm_settings": {"cache": cache},
         },
         environ={},
     )
@@ -204,6 +206,25 @@ async def test_the_spend_row_is_endpoint_responses_with_the_answers_exact_usage(
         rows[1].usage.completion_tokens,
     )
     assert rows[0].cost_usd is not None and rows[0].cost_usd > 0
+
+
+async def test_a_cached_answer_is_replayed_as_a_responses_stream(fake, breaking) -> None:
+    engine = Engine(config(fake, breaking, cache=True))
+    harness = Harness(engine)
+    first = await harness.create(input="cache me please")
+    assert engine.cache is not None
+    for _ in range(100):  # the engine writes the cache in a task of its own
+        if engine.cache.stats.stores:
+            break
+        await asyncio.sleep(0.01)
+    seen = len(fake.requests)
+    events = await harness.stream(input="cache me please")
+    assert len(fake.requests) == seen  # answered from the cache
+    final = Response.model_validate(events[-1]["response"])
+    assert final.output_text == first.output_text and final.id != first.id
+    assert final.usage == first.usage
+    assert harness.rows[-1].cache_hit and harness.rows[-1].endpoint == "responses"
+    await engine.close()
 
 
 async def test_a_stream_broken_mid_way_ends_with_response_failed(harness) -> None:

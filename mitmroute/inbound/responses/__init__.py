@@ -132,6 +132,7 @@ class ResponsesInbound:
                 )
             context = stored.context
         translated = translate(body, context, openai_only=openai_only(engine.config, group))
+        draft = Draft(model, translated.echo)
         chat = ClientRequest(
             method="POST",
             path="/v1/chat/completions",
@@ -146,7 +147,6 @@ class ResponsesInbound:
         reply = await engine.handle(chat)
         if reply.passthrough or reply.status >= 400:
             return reply  # errors are OpenAI-shaped already, as the Responses API's are
-        draft = Draft(model, translated.echo)
         save = functools.partial(_save, store, translated, owner)
         if translated.stream:
             chunks = reply.stream if reply.stream is not None else _once(reply.body)

@@ -115,6 +115,7 @@ def call_item(spec: ToolSpec, item_id: str, call_id: str, arguments: str, status
         item: Item = {
             "id": item_id,
             "type": "custom_tool_call",
+            "status": status,
             "call_id": call_id,
             "name": spec.name,
             "input": custom_input(arguments),

@@ -28,6 +28,7 @@ from mitmroute.inbound.responses.answer import (
     message_item,
     output_text,
     reasoning_item,
+    reasoning_text,
     status_of,
 )
 from mitmroute.inbound.responses.request import Item, ToolSpec, ToolTable, new_id
@@ -55,6 +56,14 @@ class _Text:
     index: int
     id: str
     parts: list[list[str]] = field(default_factory=list)
+
+    def where(self) -> dict[str, Any]:
+        """Where the current part is: item id, output index, content index."""
+        return {
+            "item_id": self.id,
+            "output_index": self.index,
+            "content_index": len(self.parts) - 1,
+        }
 
     def item(self, status: str) -> Item:
         if self.kind == "reasoning":
@@ -121,9 +130,8 @@ class EventWriter:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
-            for key in ("reasoning_content", "reasoning"):
-                if isinstance(delta.get(key), str) and delta[key]:
-                    out += self._delta("reasoning", "reasoning_text", delta[key])
+            if thought := reasoning_text(delta):
+                out += self._delta("reasoning", "reasoning_text", thought)
             if isinstance(delta.get("content"), str) and delta["content"]:
                 out += self._delta("message", "output_text", delta["content"])
             if isinstance(delta.get("refusal"), str) and delta["refusal"]:
@@ -185,21 +193,10 @@ class EventWriter:
         if not text.parts or text.parts[-1][0] != part:
             out += self._close_part(text)
             text.parts.append([part, ""])
-            out.append(
-                self._event(
-                    "response.content_part.added",
-                    item_id=text.id,
-                    output_index=text.index,
-                    content_index=len(text.parts) - 1,
-                    part=_part(part, ""),
-                )
-            )
+            added = self._event("response.content_part.added", **text.where(), part=_part(part, ""))
+            out.append(added)
         text.parts[-1][1] += delta
-        where = {
-            "item_id": text.id,
-            "output_index": text.index,
-            "content_index": len(text.parts) - 1,
-        }
+        where = text.where()
         extra = {"logprobs": []} if part == "output_text" else {}
         out.append(self._event(DELTA[part], **where, delta=delta, **extra))
         return out
@@ -208,11 +205,7 @@ class EventWriter:
         if not text.parts:
             return []
         kind, value = text.parts[-1]
-        where = {
-            "item_id": text.id,
-            "output_index": text.index,
-            "content_index": len(text.parts) - 1,
-        }
+        where = text.where()
         if kind == "refusal":
             done = self._event(DONE[kind], **where, refusal=value)
         elif kind == "output_text":
@@ -263,10 +256,8 @@ class EventWriter:
         call.spec = self.tools.spec(call.name)
         call.id, call.index = call_item_id(call.spec), self._index()
         call.call_id = call.call_id or new_id("call")
-        pending, call.pending = call.pending, ""
         item = call_item(call.spec, call.id, call.call_id, "", "in_progress")
         out.append(self._event("response.output_item.added", output_index=call.index, item=item))
-        call.pending = pending
         return out
 
     def _close_call(self, call: _Call, status: str) -> list[Event]:
