@@ -287,3 +287,32 @@ async def test_paths_and_queries_the_store_does_not_answer(harness) -> None:
     assert streamed.status == 400
     weird = await harness.call("GET", "/v1/responses/..%2f")
     assert weird.status == 404
+
+
+async def test_stored_responses_go_to_redis_when_the_cache_is_redis(fake, breaking) -> None:
+    plain = Engine(config(fake, breaking))
+    inbound = ResponsesInbound()
+    assert inbound.store_for(plain).remote is None
+    raw = {
+        "model_list": [
+            {
+                "model_name": "m",
+                "litellm_params": {"model": "openai/x", "api_base": "http://127.0.0.1:9"},
+            }
+        ],
+        "litellm_settings": {
+            "cache": True,
+            "cache_params": {
+                "type": "redis",
+                "url": "redis://127.0.0.1:6379/9",
+                "namespace": "team-a",
+            },
+        },
+    }
+    shared = Engine(parse_config(raw, environ={}))
+    store = inbound.store_for(shared)
+    assert shared.cache is not None and store.remote is shared.cache.store
+    assert store.prefix == "team-a:response:"
+    assert store.local is inbound.store_for(plain).local  # one LRU across config reloads
+    await plain.close()
+    await shared.close()
