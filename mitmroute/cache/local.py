@@ -76,6 +76,13 @@ class LocalStore:
         self._make_room()
         return True
 
+    def delete_now(self, key: str) -> bool:
+        """Remove `key`; False when it was not there."""
+        if key not in self._items:
+            return False
+        self._remove(key)
+        return True
+
     def clear(self) -> None:
         self._items.clear()
         self._bytes = 0
