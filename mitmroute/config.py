@@ -234,7 +234,7 @@ class CacheSettings:
 
 
 DEFAULT_MAX_REQUEST_SIZE_MB = 32.0
-DEFAULT_PASSTHROUGH_PATHS = ("/v1/*", "/api/*")
+DEFAULT_PASSTHROUGH_PATHS = ("/v1/*",)
 DEFAULT_INTERCEPT_HOSTS = ("api.openai.com", "api.anthropic.com")
 
 

@@ -8,8 +8,8 @@ Every request to an intercepted host gets exactly one of four fates, and each is
 * ``answer``: the proxy answers it itself (``GET /v1/models``, the key API ``/key/*``, stored
   responses: ``GET``/``DELETE /v1/responses/{id}``);
 * ``passthrough``: the explicit rule: a well-formed path matching
-  ``general_settings.passthrough_paths`` (default ``/v1/*`` and ``/api/*``: OpenAI's other
-  APIs, such as files or audio, and Claude Code's own ``/api/*`` calls) goes to the original
+  ``general_settings.passthrough_paths`` (default ``/v1/*``: the providers' other APIs, such
+  as files or audio; Claude Code's own ``/api/*`` calls are refused at once) goes to the original
   host unchanged, as does a model the config doesn't list when ``passthrough_unknown_models``
   is on;
 * ``refuse``: anything else (a path outside the rule, a malformed path, a WebSocket upgrade)
@@ -49,7 +49,7 @@ ANSWERED = frozenset({"/v1/models"})
 STORED_RESPONSES = "/v1/responses/"
 """`GET` and `DELETE /v1/responses/{id}[/input_items]`: responses the proxy stored itself."""
 KEY_API_PREFIX = "/key/"
-DEFAULT_PASSTHROUGH = ("/v1/*", "/api/*")
+DEFAULT_PASSTHROUGH = ("/v1/*",)
 
 _SAFE_PATH = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 """Characters a canonical path may hold: RFC 3986 pchar less `%` and `;` (a decoded path
