@@ -126,15 +126,15 @@ def test_every_model_claude_code_asked_for_is_a_configured_group(claude):
 
 
 def test_no_model_call_left_the_machine_or_went_out_unrouted(claude):
-    """Every /v1/messages call met the gate's `route` fate; only Claude Code's own /api/...
-    calls are passed through (by the explicit rule), and capture.py refuses their dial."""
+    """Every /v1/messages call met the gate's `route` fate; Claude Code's own /api/... calls
+    are refused at once by the default passthrough rule (`/v1/*` only): nothing leaves."""
     for r in claude.proxy.requests(HOST):
         path = r["path"].split("?", 1)[0]
         if path.startswith("/v1/messages"):
             assert r["fate"] == "route", claude.explain()
         else:
             assert path.startswith("/api/"), claude.explain()
-            assert r["fate"] == "passthrough", claude.explain()
+            assert r["fate"] == "refuse" and r["status"] == 404, claude.explain()
 
 
 # --- what only a working Messages dialect gives (fail until mitmroute/inbound/anthropic.py) ---

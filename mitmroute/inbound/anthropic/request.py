@@ -171,14 +171,24 @@ class _Translator:
             if not isinstance(message, dict):
                 raise invalid(where, "Input should be an object with a role and content")
             role = message.get("role")
-            if role not in ("user", "assistant"):
-                raise invalid(f"{where}.role", "Input should be 'user' or 'assistant'")
+            if role not in ("user", "assistant", "system"):
+                raise invalid(f"{where}.role", "Input should be 'user', 'assistant' or 'system'")
             blocks = _blocks(message.get("content"), f"{where}.content")
-            if role == "user":
+            if role == "system":  # Claude Code sends these mid-conversation (a beta)
+                out.append(self.system_turn(blocks, f"{where}.content"))
+            elif role == "user":
                 out += self.user_turn(blocks, f"{where}.content")
             elif turn := self.assistant_turn(blocks, f"{where}.content"):
                 out.append(turn)
         return out
+
+    def system_turn(self, blocks: list[Block], where: str) -> Message:
+        texts = []
+        for j, block in enumerate(blocks):
+            if _type(block, f"{where}.{j}") != "text":
+                raise invalid(f"{where}.{j}.type", "A system turn holds text blocks only")
+            texts.append(_text(block, f"{where}.{j}"))
+        return {"role": "system", "content": "\n\n".join(texts)}
 
     def user_turn(self, blocks: list[Block], where: str) -> list[Message]:
         results: list[Message] = []

@@ -148,8 +148,14 @@ def translate(
     """The chat body for a (model-checked) Responses request; `context`: the input and output
     of the response `previous_response_id` names. Raises ProxyError (400) naming what is wrong."""
     _check_fields(body)
-    tools, chat_tools, echo_tools = _tools(body.get("tools"))
-    new_items = _input_items(body.get("input"))
+    raw_input, extra_tools = _additional_tools(body.get("input"))
+    raw_tools = body.get("tools")
+    if extra_tools:
+        if raw_tools is not None and not isinstance(raw_tools, list):
+            raise _bad("`tools` must be an array", param="tools")
+        raw_tools = [*(raw_tools or []), *extra_tools]
+    tools, chat_tools, echo_tools = _tools(raw_tools)
+    new_items = _input_items(raw_input)
     items = [*(context or []), *new_items]
     messages = to_messages(items, tools)
     instructions = _optional(body, "instructions", str)
@@ -440,6 +446,22 @@ def _tool_choice(
 
 
 # --- input items -----------------------------------------------------------------------------
+
+
+def _additional_tools(raw: Any) -> tuple[Any, list[Any]]:
+    """`input` without its `additional_tools` items (the Codex CLI sends its tools that way, in
+    place of a top-level `tools`), and the tools those items carry."""
+    if not isinstance(raw, list):
+        return raw, []
+    kept, tools = [], []
+    for i, item in enumerate(raw):
+        if not (isinstance(item, dict) and item.get("type") == "additional_tools"):
+            kept.append(item)
+            continue
+        if not isinstance(item.get("tools"), list):
+            raise _bad(f"input[{i}].tools must be an array", param=f"input[{i}].tools")
+        tools += item["tools"]
+    return kept, tools
 
 
 def _input_items(raw: Any) -> list[Item]:
