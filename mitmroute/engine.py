@@ -414,6 +414,7 @@ class Engine:
                 include_usage=include_usage,
                 label=deployment.litellm_model,
                 on_end=functools.partial(self._stream_ended, exchange, body, deployment, ticket),
+                estimate=functools.partial(self._estimated, body),
             )
             headers = self._headers(exchange, SSE_HEADERS, ticket)
             if answer.headers:
@@ -452,6 +453,14 @@ class Engine:
             self._store(ticket, exchange, completion)
         elif ticket is not None:
             ticket.release()
+
+    @classmethod
+    def _estimated(cls, body: dict[str, Any], assembler: ChunkAssembler) -> Usage:
+        """The usage a stream would have reported, counted locally."""
+        probe = Exchange("", now_utc(), "")
+        cls._estimate(probe, body, assembler.completion())
+        assert probe.usage is not None
+        return probe.usage
 
     @staticmethod
     def _estimate(exchange: Exchange, body: dict[str, Any], answer: dict[str, Any]) -> None:

@@ -132,7 +132,7 @@ class OllamaStream(StreamTranslator):
         self._buffer = b""
         self._done = False
         self._endpoint = endpoint
-        self._id = f"chatcmpl-{uuid.uuid4().hex}"
+        self._id = f"{'chatcmpl' if endpoint == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
         self._created = int(time.time())
         self._model = model
         self._started = False
@@ -189,7 +189,16 @@ class OllamaStream(StreamTranslator):
                 out.append(self._chunk([{"index": 0, "delta": delta, "finish_reason": None}]))
         elif payload.get("response"):
             out.append(
-                self._chunk([{"index": 0, "text": payload["response"], "finish_reason": None}])
+                self._chunk(
+                    [
+                        {
+                            "index": 0,
+                            "text": payload["response"],
+                            "finish_reason": None,
+                            "logprobs": None,
+                        }
+                    ]
+                )
             )
         if payload.get("done"):
             reason = (
@@ -200,7 +209,11 @@ class OllamaStream(StreamTranslator):
             key = "delta" if self._endpoint == CHAT else "text"
             out.append(
                 self._chunk(
-                    [{"index": 0, key: {} if key == "delta" else "", "finish_reason": reason}]
+                    [
+                        {"index": 0, "delta": {}, "finish_reason": reason}
+                        if key == "delta"
+                        else {"index": 0, "text": "", "finish_reason": reason, "logprobs": None}
+                    ]
                 )
             )
             out.append(self._chunk([], usage=_usage(payload)))
@@ -274,7 +287,11 @@ class OllamaProvider(Provider):
             }
         message = payload.get("message") or {}
         calls = _tool_calls(message)
-        out_message: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+        out_message: dict[str, Any] = {
+            "role": "assistant",
+            "content": message.get("content"),
+            "refusal": None,
+        }
         if message.get("thinking"):
             out_message["reasoning_content"] = message["thinking"]
         if calls:

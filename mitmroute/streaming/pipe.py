@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 
 from mitmroute.errors import ProxyError
-from mitmroute.exchange import Exchange
+from mitmroute.exchange import Exchange, Usage
 from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error, encode_native_error
 from mitmroute.upstream import NativeTee, OpenStream
 
@@ -30,12 +30,39 @@ def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usa
     out = []
     for chunk in chunks:
         assembler.add(chunk)
-        if chunk.get("usage") is not None and not include_usage:
-            if not chunk.get("choices"):
+        if "usage" in chunk and not include_usage:
+            # The proxy asked for usage, the client didn't: take it out without a trace. A
+            # usage chunk whose choices carry nothing (LiteLLM sends `[{"delta": {}}]`) goes.
+            if chunk["usage"] is not None and not any(map(_carries, chunk.get("choices") or ())):
                 continue
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
         out.append(encode(chunk))
     return b"".join(out)
+
+
+def _usage_chunk(assembler: ChunkAssembler) -> dict[str, Any]:
+    assert assembler.usage is not None
+    return {
+        "id": assembler.id,
+        "object": assembler.object or "chat.completion.chunk",
+        "created": assembler.created,
+        "model": assembler.model,
+        "choices": [],
+        "usage": assembler.usage.to_openai(),
+    }
+
+
+def _carries(choice: Any) -> bool:
+    """Whether a stream choice holds anything for the client (text, a call, a finish)."""
+    if not isinstance(choice, dict):
+        return True
+    delta = choice.get("delta")
+    return bool(
+        choice.get("finish_reason")
+        or choice.get("text")
+        or choice.get("logprobs")
+        or (isinstance(delta, dict) and any(v not in (None, "", [], {}) for v in delta.values()))
+    )
 
 
 def _tee(chunks: list[dict[str, Any]], assembler: ChunkAssembler, tee: NativeTee) -> bytes:
@@ -64,8 +91,12 @@ async def pipe_stream(
     include_usage: bool,
     label: str,
     on_end: Callable[[ChunkAssembler, bool], None],
+    estimate: Callable[[ChunkAssembler], Usage] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield the client's SSE bytes; `on_end(assembler, complete)` runs once, however it ends."""
+    """Yield the client's SSE bytes; `on_end(assembler, complete)` runs once, however it ends.
+
+    A client that asked for usage gets its usage chunk even from a backend that reports none:
+    `estimate` counts it (and the spend log then says `usage_source = 'estimated'`)."""
     assembler = ChunkAssembler()
     resp, translator = opened.response, opened.translator
     render: Callable[[list[dict[str, Any]]], bytes]
@@ -89,6 +120,9 @@ async def pipe_stream(
             message = f"{label} ended the stream early"
             raise ProxyError(502, message, "server_error", code="upstream_stream_truncated")
         if opened.native is None:
+            if include_usage and assembler.usage is None and estimate is not None:
+                assembler.usage = estimate(assembler)
+                yield encode(_usage_chunk(assembler))
             yield DONE
     except ProxyError as e:
         opened.redactor.error(e)

@@ -92,6 +92,8 @@ class ChunkAssembler:
     created: int | None = None
     system_fingerprint: str | None = None
     usage: Usage | None = None
+    object: str | None = None
+    """The chunks' `object`: `chat.completion.chunk`, or `text_completion` (legacy)."""
     chunks: int = 0
     _choices: dict[int, dict[str, Any]] = field(default_factory=dict)
 
@@ -100,6 +102,7 @@ class ChunkAssembler:
         self.id = self.id or chunk.get("id")
         self.model = chunk.get("model") or self.model
         self.created = self.created or chunk.get("created")
+        self.object = self.object or chunk.get("object")
         self.system_fingerprint = chunk.get("system_fingerprint") or self.system_fingerprint
         if chunk.get("usage"):
             self.usage = Usage.from_openai(chunk["usage"])

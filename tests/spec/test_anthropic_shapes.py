@@ -161,8 +161,16 @@ def proxy(backend, confdir, tmp_path_factory):
 
 
 ERRORS = {
-    "messages not routed yet": ("POST", "/v1/messages", {"json": ask("hi")}),
-    "count_tokens not routed yet": ("POST", "/v1/messages/count_tokens", {"json": ask("hi")}),
+    "a field of the wrong shape": (
+        "POST",
+        "/v1/messages",
+        {"json": {**ask("hi"), "max_tokens": "x"}},
+    ),
+    "count_tokens without messages": (
+        "POST",
+        "/v1/messages/count_tokens",
+        {"json": {"model": "m"}},
+    ),
     "path outside the rule": ("GET", "/v2/anything", {}),
     "malformed path": ("POST", "/v1/mess%252Fages", {"json": ask("hi")}),
     "body too deep": (

@@ -248,11 +248,11 @@ ERRORS = {
     "malformed path": ("POST", "/v1/chat%252Fcompletions", {"json": ask(model="gpt-4o")}, 400),
     "backend failed": ("POST", "/v1/chat/completions", {"json": ask(model="broken")}, 503),
     "backend rate limit": ("POST", "/v1/chat/completions", {"json": ask(model="limited")}, 429),
-    "responses not routed yet": (
+    "responses with a hosted tool": (
         "POST",
         "/v1/responses",
-        {"json": {"model": "gpt-4o", "input": "hi"}},
-        None,
+        {"json": {"model": "gpt-4o", "input": "hi", "tools": [{"type": "web_search"}]}},
+        400,
     ),
 }
 
