@@ -250,7 +250,7 @@ def test_a_text_document_becomes_text():
         (base(max_tokens="10"), "max_tokens"),
         (base(max_tokens=-1), "max_tokens"),
         (base(messages=[]), "messages"),
-        (base(messages=[{"role": "system", "content": "x"}]), "messages.0.role"),
+        (base(messages=[{"role": "tool", "content": "x"}]), "messages.0.role"),
         (base(messages=[{"role": "user", "content": 3}]), "messages.0.content"),
         (
             base(messages=[{"role": "user", "content": [{"text": "x"}]}]),
@@ -624,3 +624,18 @@ def test_any_body_is_translated_or_a_400_naming_a_field(body):
         return
     assert chat["messages"] and isinstance(chat["model"], str)
     json.dumps(chat)
+
+
+def test_a_system_turn_mid_conversation_becomes_a_system_message():
+    """Claude Code sends `role: system` turns after the user's (checked with its 2.1.332)."""
+    chat = translate(
+        {
+            "model": "m",
+            "max_tokens": 10,
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+            ],
+        }
+    ).chat
+    assert chat["messages"][-1] == {"role": "system", "content": "be brief"}
