@@ -140,7 +140,7 @@ class Prober:
             return probe
         if d.provider in ("ollama", "ollama_chat") and names is not None:
             probe.model, probe.status = "missing", FAIL
-            probe.detail = f"not pulled on this Ollama (ollama pull {d.model})"
+            probe.detail = f"model missing: not pulled on this Ollama (ollama pull {d.model})"
             return probe
         if status >= 500:
             return self._failed(probe, "the model listing", status, body)
@@ -158,7 +158,7 @@ class Prober:
             probe.model = "answers"
         elif status == 404:
             probe.model, probe.status = "missing", FAIL
-            probe.detail = f"404: {self._say(body)}"
+            probe.detail = f"model missing (404): {self._say(body)}"
         elif status in (400, 422, 429):
             probe.model, probe.status = "?", WARN
             probe.detail = f"a 1-token chat answered {status}: {self._say(body)}"
@@ -169,7 +169,7 @@ class Prober:
     def _key_refused(self, probe: Probe, own_key: bool, status: int, body: Any) -> Probe:
         if own_key:
             probe.key, probe.status = "rejected", FAIL
-            probe.detail = f"{status}: {self._say(body)}"
+            probe.detail = f"key rejected ({status}): {self._say(body)}"
         else:  # the proxy sends the client's key here: nothing to check without one
             probe.key, probe.status = "needed", WARN
             probe.detail = f"{status} without a key: no api_key configured (clients' keys are sent)"
