@@ -80,3 +80,15 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def ensure_iptables() -> None:
+    """Install iptables (Debian) when missing: bounded, as root."""
+    if shutil.which("iptables"):
+        return
+    install = ["apt-get", "install", "-y", "-q", "iptables"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, capture_output=True, timeout=300, env=env).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=300, env=env)
+        subprocess.run(install, capture_output=True, timeout=300, env=env, check=True)
+    assert shutil.which("iptables"), "apt-get installed iptables, yet it is not on PATH"
