@@ -129,8 +129,8 @@ def check_ledger(config: RouterConfig) -> Check:
         check_writable(db)
     except SpendDbError as e:
         return Check("ledger", FAIL, str(e))
-    spill = Path(f"{db}.spill.jsonl")
-    waiting = f"; {spill} holds rows waiting to be replayed" if spill.is_file() else ""
+    spills = sorted(Path(db).parent.glob(f"{Path(db).name}.spill*.jsonl"))
+    waiting = f"; {len(spills)} spill file(s) wait to be replayed: {spills[0]}" if spills else ""
     if not Path(db).is_file():
         return Check("ledger", OK, f"{db}: writable; created by the first request{waiting}")
     try:
@@ -143,7 +143,7 @@ def check_ledger(config: RouterConfig) -> Check:
         return Check("ledger", FAIL, f"{db}: unreadable: {duckdb_error(e)}")
     finally:
         con.close()
-    when = f", last {last:%Y-%m-%d %H:%M:%S %Z}".rstrip() if last else ""
+    when = f", last {last:%Y-%m-%d %H:%M:%S %Z}" if last else ""
     status = WARN if waiting else OK
     return Check("ledger", status, f"{db}: writable, readable: {rows} rows{when}{waiting}")
 

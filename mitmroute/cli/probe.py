@@ -124,7 +124,11 @@ class Prober:
     async def probe(self, session: aiohttp.ClientSession, d: Deployment) -> Probe:
         probe = Probe(d)
         own_key = any(deployment_secrets(d))
-        call = provider_for(d.provider).build(CHAT, PING, d, drop_params=True)
+        try:
+            call = provider_for(d.provider).build(CHAT, PING, d, drop_params=True)
+        except Exception as e:  # a provider that can't make a chat request of this deployment
+            probe.status, probe.detail = FAIL, f"no chat request for it: {self._say(str(e))}"
+            return probe
         headers = {k: v for k, v in call.headers.items() if k.lower() != "content-type"}
         answer = await self._send(session, probe, "GET", listing_url(d), headers)
         if answer is None:
