@@ -1,0 +1,5 @@
+import sys
+
+from mitmroute.cli import main
+
+sys.exit(main())
