@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from mitmroute import errors
+from mitmroute.cache.replay import answer_chunks
 from mitmroute.config import Deployment, RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Attempt, Exchange
@@ -61,6 +62,23 @@ def untranslatable(deployment: Deployment, error: Exception) -> ProxyError:
         code="invalid_request_shape",
         kind="unsupported",
     )
+
+
+class WholeAnswer(StreamTranslator):
+    """The stream of a backend that answered a streamed request with one whole JSON answer:
+    its chunks are all known up front (see `_open_stream`)."""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        return []
+
+    @property
+    def done(self) -> bool:
+        return True
+
+
+def _whole_json(resp: aiohttp.ClientResponse) -> bool:
+    media = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return media == "application/json"
 
 
 @dataclass(slots=True)
@@ -423,6 +441,13 @@ class Upstream:
                 resp = await self.session.post(url, data=data, headers=headers)
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, redactor.bytes(await resp.read()))
+                if native is None and _whole_json(resp):
+                    # asked to stream, the backend answered whole: stream that answer
+                    whole = provider.parse(endpoint, redactor.bytes(await resp.read()), deployment)
+                    read_timeout = timeout
+                    return OpenStream(
+                        resp, WholeAnswer(), answer_chunks(whole), read_timeout, redactor, native
+                    )
                 translator = provider.stream(endpoint, deployment)
                 if native is not None:
                     translator = NativeTee(translator, redactor)

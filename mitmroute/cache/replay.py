@@ -74,6 +74,19 @@ def replay_stream(
     return b"".join(out)
 
 
+def answer_chunks(answer_body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole answer as the stream chunks that carry it (the last one with its usage)."""
+    env = _envelope(answer_body)
+    if answer_body.get("object") == "text_completion":
+        choices = _text_choices(answer_body)
+    else:
+        choices = _chat_choices(answer_body)
+    chunks = [{**env, "choices": [choice]} for choice in choices]
+    if isinstance(answer_body.get("usage"), dict):
+        chunks.append({**env, "choices": [], "usage": answer_body["usage"]})
+    return chunks
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
