@@ -90,6 +90,7 @@ KNOWN_ROUTER_SETTINGS = {
     "timeout",
     "stream_timeout",
     "routing_strategy",
+    "routing_strategy_args",
     "redis_host",
     "redis_port",
     "redis_password",
@@ -193,6 +194,29 @@ class RetryPolicy:
     per_error: dict[str, int] = field(default_factory=dict)
 
 
+ROUTING_STRATEGIES = (
+    "simple-shuffle",
+    "least-busy",
+    "latency-based-routing",
+    "usage-based-routing-v2",
+    "usage-based-routing",
+    "cost-based-routing",
+)
+"""LiteLLM's names; `usage-based-routing` (its deprecated v1) means the same as v2 here."""
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyArgs:
+    """`router_settings.routing_strategy_args` (LiteLLM's names; the latency strategy's)."""
+
+    ttl: float = 3600.0
+    """Seconds a deployment's latency samples are kept after it was last measured."""
+    lowest_latency_buffer: float = 0.0
+    """Share above the lowest latency still picked at random (0.5: within 50 %)."""
+    max_latency_list_size: int = 10
+    """Latency samples averaged per deployment."""
+
+
 @dataclass(frozen=True, slots=True)
 class RouterSettings:
     fallbacks: dict[str, list[str]] = field(default_factory=dict)
@@ -204,6 +228,7 @@ class RouterSettings:
     timeout: float = 600.0
     stream_timeout: float | None = None
     routing_strategy: str = "simple-shuffle"
+    routing_strategy_args: StrategyArgs = field(default_factory=StrategyArgs)
     model_group_alias: dict[str, str] = field(default_factory=dict)
     redis_host: str | None = None
     redis_port: int | None = None
@@ -515,6 +540,34 @@ def _retry_policy(router: dict[str, Any], path: str) -> RetryPolicy:
     return RetryPolicy(num_retries=num_retries, retry_after=retry_after, per_error=per_error)
 
 
+def _routing_strategy(value: Any, path: str) -> str:
+    if value is None:
+        return "simple-shuffle"
+    if value not in ROUTING_STRATEGIES:
+        raise ConfigError(
+            f"{path}.routing_strategy: unknown routing strategy {value!r} "
+            f"(known: {', '.join(ROUTING_STRATEGIES)})"
+        )
+    return str(value)
+
+
+def _strategy_args(value: Any, path: str) -> StrategyArgs:
+    path = f"{path}.routing_strategy_args"
+    args = _mapping(value, path)
+    _warn_unknown(args, {"ttl", "lowest_latency_buffer", "max_latency_list_size"}, path)
+    default = StrategyArgs()
+    size = _number(
+        args.get("max_latency_list_size"), f"{path}.max_latency_list_size", minimum=1, integer=True
+    )
+    ttl = _number(args.get("ttl"), f"{path}.ttl")
+    buffer = _number(args.get("lowest_latency_buffer"), f"{path}.lowest_latency_buffer")
+    return StrategyArgs(
+        ttl=default.ttl if ttl is None else ttl,
+        lowest_latency_buffer=default.lowest_latency_buffer if buffer is None else buffer,
+        max_latency_list_size=default.max_latency_list_size if size is None else size,
+    )
+
+
 def _router_settings(raw: Any, groups: set[str], environ: dict[str, str]) -> RouterSettings:
     path = "router_settings"
     r = {k: _resolve_env(v, f"{path}.{k}", environ) for k, v in _mapping(raw, path).items()}
@@ -537,7 +590,8 @@ def _router_settings(raw: Any, groups: set[str], environ: dict[str, str]) -> Rou
         cooldown_time=_number(r.get("cooldown_time", 5), f"{path}.cooldown_time"),
         timeout=_number(r.get("timeout", 600), f"{path}.timeout"),
         stream_timeout=_number(r.get("stream_timeout"), f"{path}.stream_timeout"),
-        routing_strategy=str(r.get("routing_strategy", "simple-shuffle")),
+        routing_strategy=_routing_strategy(r.get("routing_strategy"), path),
+        routing_strategy_args=_strategy_args(r.get("routing_strategy_args"), path),
         model_group_alias=alias,
         redis_host=r.get("redis_host"),
         redis_port=_number(r.get("redis_port"), f"{path}.redis_port", integer=True),

@@ -45,17 +45,8 @@ from mitmroute.request import (
     new_exchange,
     now_utc,
 )
-from mitmroute.routing.cooldown import Cooldowns
-from mitmroute.routing.ladder import (
-    MAX_RETRY_AFTER,
-    backoff,
-    build_ladder,
-    parse_retry_after,
-    retries_for,
-    special_fallbacks,
-)
-from mitmroute.routing.limits import DeploymentLimits
-from mitmroute.routing.picker import DeploymentPicker
+from mitmroute.routing.plan import Stop, Wait
+from mitmroute.routing.state import RoutingState
 from mitmroute.spend import estimate_prompt_tokens, estimate_text_tokens
 from mitmroute.streaming.pipe import pipe_stream
 from mitmroute.streaming.sse import ChunkAssembler
@@ -70,12 +61,11 @@ class Engine:
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.groups = config.groups()
-        self.cooldowns = Cooldowns(config.router.allowed_fails, config.router.cooldown_time)
-        self.limits = DeploymentLimits()
-        self.picker = DeploymentPicker(self.cooldowns, self.limits.at_limit)
         self.listeners: list[Callable[[Exchange], None]] = []
         """Called once per finished exchange (spend log, metrics, budgets)."""
         self.pricing = Pricing.for_config(config)
+        self.routing = RoutingState(config, self.pricing)
+        self.cooldowns = self.routing.cooldowns
         self.upstream = Upstream(config)
         self._started = False
         self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
@@ -89,11 +79,13 @@ class Engine:
             return
         self._started = True
         await self.upstream.start()
+        await self.routing.start()
         if self.cache is not None:
             await self.cache.start()
 
     async def close(self) -> None:
         await self.upstream.close()
+        await self.routing.close()
         if self.cache is not None:
             await self.cache.close()
         self._started = False
@@ -264,108 +256,30 @@ class Engine:
         group: str,
         exchange: Exchange,
     ) -> Answer:
-        settings = self.config.router
-        ladder = build_ladder(group, settings)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + settings.timeout
-        failures: list[str] = []
-        tried: set[str] = set()
-        retries = 0
-        last: ProxyError | None = None
+        """Call deployments as the routing plan says until one answers or the plan gives up."""
+        await self.routing.refresh(group)
+        plan = self.routing.plan(group, request_id=exchange.request_id, stream=exchange.stream)
         while True:
-            deployments = self.groups[ladder.group]
-            deployment = self.picker.pick(deployments, tried)
-            if deployment is None or (deployment.id in tried and ladder.has_next):
-                if deployment is None:
-                    failures.append(
-                        f"{ladder.group}: every deployment is cooling down or at its rpm/tpm limit"
-                    )
-                if ladder.advance():
-                    tried, retries = set(), 0
-                    continue
-                if deployment is None:
-                    # The last group is resting: wait for it if a retry is due and time allows.
-                    wait = self._rest_left(deployments)
-                    if (
-                        last is None
-                        or not last.retryable
-                        or wait is None
-                        or retries >= retries_for(last, settings)
-                        or loop.time() + wait >= deadline
-                    ):
-                        raise self._exhausted(group, failures, last)
-                    failures.pop()
-                    retries += 1
-                    await asyncio.sleep(wait)
-                    tried = set()
-                    continue
-            if deployment.id in tried:
-                if last is None or not last.retryable or retries >= retries_for(last, settings):
-                    raise self._exhausted(group, failures, last)
-                retries += 1
-                retry_after = parse_retry_after(last.headers.get("retry-after"))
-                wait = backoff(retries, settings, retry_after)
-                if loop.time() + wait >= deadline:
-                    failures.append(f"deadline of {settings.timeout:g}s reached")
-                    raise self._exhausted(group, failures, last)
-                await asyncio.sleep(wait)
-            tried.add(deployment.id)
-            self.limits.started(deployment)
+            step = plan.next()
+            if isinstance(step, Stop):
+                raise step.error
+            if isinstance(step, Wait):
+                await asyncio.sleep(step.seconds)
+                continue
+            deployment = step.deployment
             try:
                 answer = await self.upstream.attempt(
-                    request, endpoint, body, deployment, exchange, deadline - loop.time()
+                    request, endpoint, body, deployment, exchange, plan.time_left()
                 )
             except ProxyError as e:
-                last = e
-                failures.append(f"{deployment.litellm_model} ({deployment.public_base}): {e}")
-                if e.kind == "unsupported":
-                    continue  # no attempt was made: nothing to cool down
-                if e.retryable or (e.kind == "auth" and deployment.api_key):
-                    # a deployment's own key rejected: that deployment is broken, not the request
-                    retry_after = parse_retry_after(e.headers.get("retry-after"))
-                    if e.kind == "auth":
-                        retry_after = settings.cooldown_time
-                    elif e.status != 429:
-                        retry_after = None
-                    self.cooldowns.failure(deployment.id, e.kind, retry_after)
-                    if loop.time() >= deadline:
-                        failures.append(f"deadline of {settings.timeout:g}s reached")
-                        raise self._exhausted(group, failures, last) from None
-                    continue
-                targets = special_fallbacks(e, ladder.group, settings)
-                if targets and ladder.switch(targets):
-                    tried, retries = set(), 0
-                    continue
+                plan.failed(deployment, e)
+                continue
+            except BaseException:
+                plan.abandoned(deployment)
                 raise
-            self.cooldowns.success(deployment.id)
-            exchange.fallback_used = ladder.position > 0
+            plan.succeeded(deployment)
+            exchange.fallback_used = plan.fallback_used
             return answer
-
-    def _rest_left(self, deployments: list[Deployment]) -> float | None:
-        """Seconds until the first cooling deployment of a group may be tried again; None when
-        none will within MAX_RETRY_AFTER (or they are at their rpm/tpm limit instead)."""
-        waits = [self.cooldowns.remaining(d.id) for d in deployments]
-        waits = [w for w in waits if w > 0]
-        if not waits or min(waits) > MAX_RETRY_AFTER:
-            return None
-        return min(waits)
-
-    def _exhausted(self, group: str, failures: list[str], last: ProxyError | None) -> ProxyError:
-        if last is not None and not last.retryable:
-            return last  # e.g. the backend refused its key: its own status says it best
-        # nothing tried at all: everything was resting or at its limit, so "try later"
-        rate_limited = last is None or last.kind == "rate_limit"
-        tried = "; ".join(failures) or "nothing was tried"
-        message = f"No deployment of `{group}` could answer. Tried: {tried}"
-        if rate_limited:
-            return ProxyError(
-                429,
-                message,
-                "rate_limit_exceeded",
-                code="all_deployments_failed",
-                kind="rate_limit",
-            )
-        return ProxyError(503, message, "server_error", code="all_deployments_failed", kind="error")
 
     # --- replies ---------------------------------------------------------------------------
 
@@ -509,8 +423,8 @@ class Engine:
         """Close the books on an exchange and hand it to every listener."""
         exchange.ended_at = now_utc()
         exchange.latency_ms = (time.perf_counter() - exchange.clock_start) * 1000
-        if deployment is not None and exchange.usage is not None:
-            self.limits.used(deployment, exchange.usage.total_tokens)
+        if deployment is not None:
+            self.routing.finished(deployment, exchange)
         if exchange.usage is not None and not exchange.cache_hit and exchange.provider:
             model = deployment.model if deployment else exchange.requested_model or ""
             exchange.cost_usd = self.pricing.cost(

@@ -1,4 +1,4 @@
-"""Redis client set-up shared by the response cache and the key store, and their breaker.
+"""Redis client set-up shared by the response cache, the key store and routing, and their breaker.
 
 Both callers bound every command with ``asyncio.wait_for`` themselves; the client only gets
 socket timeouts as a backstop, a pool, and no redis-py retry loop with backoff.
@@ -7,13 +7,48 @@ socket timeouts as a backstop, a pool, and no redis-py retry loop with backoff.
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
+
+if TYPE_CHECKING:
+    from mitmroute.config import RouterConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Where the state several proxies share lives."""
+
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 6379
+    password: str | None = None
+
+    @property
+    def label(self) -> str:
+        return label(self.url, self.host, self.port)
+
+
+def redis_target(config: RouterConfig) -> RedisTarget | None:
+    """`router_settings.redis_url` / `redis_host`, else a Redis response cache's; None for
+    in-process state."""
+    router = config.router
+    if router.redis_url or router.redis_host:
+        return RedisTarget(
+            url=router.redis_url,
+            host=router.redis_host or "127.0.0.1",
+            port=router.redis_port or 6379,
+            password=router.redis_password,
+        )
+    cache = config.cache
+    if cache.type == "redis":
+        return RedisTarget(url=cache.url, host=cache.host, port=cache.port, password=cache.password)
+    return None
 
 
 def connect(

@@ -20,47 +20,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from mitmroute.auth.keys import KeysDB, KeyStore, MemoryKeyStore, RedisKeyStore, keys_db_path
 from mitmroute.auth.ledger import Ledger
 from mitmroute.auth.limits import Limiter, MemoryLimiter, Policy, RedisLimiter
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import GeneralSettings, RouterConfig
-from mitmroute.redis_client import connect
+from mitmroute.redis_client import RedisTarget, connect, redis_target
 
 __all__ = ["AuthBackend", "RedisDown", "location", "open_backend", "redis_target"]
-
-
-@dataclass(frozen=True, slots=True)
-class RedisTarget:
-    url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 6379
-    password: str | None = None
-
-    @property
-    def label(self) -> str:
-        if self.url:
-            parts = urlsplit(self.url)
-            port = f":{parts.port}" if parts.port else ""
-            return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
-        return f"redis://{self.host}:{self.port}"
-
-
-def redis_target(config: RouterConfig) -> RedisTarget | None:
-    """Where the shared state lives, or None for in-process."""
-    router = config.router
-    url, host = getattr(router, "redis_url", None), getattr(router, "redis_host", None)
-    if url or host:
-        return RedisTarget(url=url, host=host or "127.0.0.1",
-                           port=int(getattr(router, "redis_port", None) or 6379),
-                           password=getattr(router, "redis_password", None))  # fmt: skip
-    cache = config.cache
-    if cache.type == "redis":
-        return RedisTarget(url=cache.url, host=cache.host, port=cache.port,
-                           password=cache.password)  # fmt: skip
-    return None
 
 
 def location(config: RouterConfig) -> tuple[Any, ...]:

@@ -1,2 +1,4 @@
-"""Routing: which deployment answers (picker), which are resting (cooldowns), and the retry and
-fallback ladder a request climbs when a backend fails (ladder)."""
+"""Routing: the plan a request follows (plan: next deployment, wait, or stop; failed,
+succeeded), what routing keeps between requests (state: cooldowns, per-minute limits, in-flight
+counts, latencies, shared through Redis where LiteLLM shares them), and which healthy deployment
+of a group takes an attempt (picker, strategy: `router_settings.routing_strategy`)."""

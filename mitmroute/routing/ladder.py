@@ -80,11 +80,16 @@ def retries_for(error: ProxyError, settings: RouterSettings) -> int:
     return settings.retry.num_retries if policy is None else policy
 
 
-def backoff(retry: int, settings: RouterSettings, retry_after: float | None) -> float:
-    """Seconds to wait before retry number `retry` (1-based): exponential with full jitter,
-    at least `retry_after` (config) and the provider's Retry-After (bounded)."""
+def backoff(
+    retry: int,
+    settings: RouterSettings,
+    retry_after: float | None,
+    rng: random.Random | None = None,
+) -> float:
+    """Seconds to wait before retry number `retry` (1-based): exponential with jitter, at least
+    `retry_after` (config) and the provider's Retry-After (bounded)."""
     base = min(8.0, 0.25 * 2 ** (retry - 1))
-    wait = random.uniform(base / 2, base)
+    wait = (rng or random).uniform(base / 2, base)
     floor = max(settings.retry.retry_after, min(retry_after or 0.0, MAX_RETRY_AFTER))
     return max(wait, floor)
 
