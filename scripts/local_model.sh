@@ -114,6 +114,10 @@ start() {
     say "already running (pid $pid) on http://$HOST:$port/v1"
     return 0
   fi
+  if answers; then
+    say "port $port already answers (another server): stop it, or set LOCAL_MODEL_PORT"
+    return 1
+  fi
   mkdir -p "$(dirname "$pidfile")" "$(dirname "$logfile")"
   nohup "$venv/bin/python" "${server[@]}" >"$logfile" 2>&1 </dev/null &
   pid=$!
@@ -125,7 +129,7 @@ start() {
       tail -n 30 "$logfile" >&2
       return 1
     fi
-    if answers; then
+    if answers && kill -0 "$pid" 2>/dev/null; then
       say "serving model '$MODEL_ALIAS' on http://$HOST:$port/v1 (pid $pid, log $logfile)"
       say "route to it with the example config's group 'local-gemma'; stop it with 'make local-model-stop'"
       return 0
