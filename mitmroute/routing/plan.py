@@ -114,6 +114,8 @@ class RoutePlan:
         self.failures: list[str] = []
         """What went wrong, attempt by attempt: the message of a 429/503 at the end."""
         self.last: ProxyError | None = None
+        self._unreachable: list[bool] = []
+        """Per failed attempt: was the deployment unreachable (nothing listening)?"""
         self._tried: set[str] = set()
         self._retries = 0
         self._pending: Deployment | None = None
@@ -185,6 +187,7 @@ class RoutePlan:
     def failed(self, deployment: Deployment, error: ProxyError) -> None:
         """The attempt at `deployment` ended with `error`."""
         self.last = error
+        self._unreachable.append(error.kind == "connect")
         self.failures.append(f"{deployment.litellm_model} ({deployment.public_base}): {error}")
         if self.attempts is not None:
             self.attempts.failed(deployment, self.request_id, error, self._elapsed())
@@ -260,5 +263,16 @@ class RoutePlan:
                 "rate_limit_exceeded",
                 code="all_deployments_failed",
                 kind="rate_limit",
+            )
+        if self._unreachable and all(self._unreachable):
+            # Nothing is listening: a client's own retries in a second would only wait longer
+            # to hear the same (the openai and anthropic SDKs honour x-should-retry).
+            return ProxyError(
+                503,
+                f"No deployment of `{self.group}` can be reached. Tried: {tried}",
+                "server_error",
+                code="all_deployments_unreachable",
+                kind="error",
+                headers={"x-should-retry": "false"},
             )
         return ProxyError(503, message, "server_error", code="all_deployments_failed", kind="error")

@@ -176,3 +176,26 @@ def test_a_parameter_one_deployment_cannot_take_goes_to_a_sibling_that_can(ladde
     with ladder.client() as client, pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="ollama-only", messages=MSG, logprobs=True)
     assert info.value.param == "logprobs"
+
+
+def test_with_no_backend_running_the_sdk_hears_at_once_which_deployments_are_down(start_proxy):
+    """A first run of the example config without its backends: no seconds of retries."""
+    dead = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
+    proxy = start_proxy(
+        {
+            "model_list": [
+                deployment("gpt-4o", "openai/first", dead[0]),
+                deployment("backup", "openai/second", dead[1]),
+            ],
+            "router_settings": {"fallbacks": [{"gpt-4o": ["backup"]}]},
+        }
+    )
+    client = openai.OpenAI(api_key="sk-x", http_client=proxy.http())  # the SDK's own retries on
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    elapsed = time.monotonic() - started
+    assert raised.value.status_code == 503
+    assert raised.value.body["code"] == "all_deployments_unreachable"
+    assert "openai/first" in raised.value.message and "openai/second" in raised.value.message
+    assert elapsed < 3.0, elapsed  # was 12.5 s with the SDK's retries and cooldown waits

@@ -263,3 +263,20 @@ def test_a_plan_that_has_stopped_stays_stopped():
     state = routing(SEED[2:3], num_retries=0)
     run = Run(state, "claude", {"claude-x": fail(500)})
     assert isinstance(run.plan.next(), Stop) and run.plan.next().error is run.error
+
+
+def test_nothing_listening_anywhere_is_a_503_the_sdks_do_not_retry():
+    """The example config with no backend running: the client hears at once, and why."""
+    state = routing(SEED, fallbacks=[{"gpt-4o": ["claude", "local"]}], num_retries=0)
+    refused = errors.upstream_unreachable("refused")
+    script = {m: refused for m in ("primary-a", "primary-b", "claude-x", "local-x")}
+    run = Run(state, "gpt-4o", script)
+    assert run.error is not None and run.error.status == 503
+    assert run.error.code == "all_deployments_unreachable"
+    assert run.error.headers["x-should-retry"] == "false"
+    assert all(m in run.error.message for m in ("primary-a", "claude-x", "local-x"))
+    # one backend that answered (badly) is worth the client's retry
+    state = routing(SEED, fallbacks=[{"gpt-4o": ["claude", "local"]}], num_retries=0)
+    run = Run(state, "gpt-4o", {**script, "local-x": fail(500)})
+    assert run.error is not None and run.error.code == "all_deployments_failed"
+    assert "x-should-retry" not in run.error.headers
