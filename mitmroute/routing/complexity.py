@@ -22,9 +22,9 @@ tiers. REASONING also needs a reasoning marker, so a long technical ask is COMPL
 REASONING. ``keyword_tier_rules`` force a tier when one of their keywords occurs, and an
 ``escalation_keywords`` phrase (case-sensitive) raises the result one tier.
 
-Cost: keywords are matched against a window of the ask (its first and last
-``max_scan_chars / 2`` characters), so a 1 MB prompt costs what an 8 KB one does; lengths and
-fence counts use the whole text. ``scripts/bench_complexity.py`` measures it.
+Cost: everything but the ask's length is read from a window of it (its first and last
+``max_scan_chars / 2`` characters, default 8000 in all), so a 1 MB prompt costs what an 8 KB one
+does. ``scripts/bench_complexity.py`` measures it.
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ DEFAULT_TOKEN_THRESHOLDS = {"simple": 8, "complex": 120}
 DEFAULT_MAX_SCAN_CHARS = 8000
 
 
-def keyword_list(text: str) -> tuple[str, ...]:
+def keyword_list(text: str, strip: bool = True) -> tuple[str, ...]:
     """Comma-separated keywords (a config may also give a YAML list)."""
-    return tuple(k for k in (" ".join(part.split()) for part in text.split(",")) if k)
+    parts = (" ".join(p.split()) for p in text.split(",")) if strip else text.split(",")
+    return tuple(k for k in parts if k)
 
 
 # Keyword lists, written for mitmroute. Single words match whole words of the lower-cased ask
@@ -154,23 +155,29 @@ CONSTRAINT_CUES = keyword_list(
 """Requirements stacked on a task: counted with numbered steps as `multiStepPatterns`."""
 
 _WORD = re.compile(r"[a-z0-9_][a-z0-9_+#'-]*")
-_CODE_LINE = re.compile(
-    r"^[ \t]*(?:def |class |import |from \S+ import |#include|public |private |func |fn |"
-    r"let |const |var |return\b|if ?\(|for ?\(|while ?\(|select .+ from |insert into |"
-    r"create table |@\w+|}|.*[;{]$)",
-    re.MULTILINE | re.IGNORECASE,
+_SPACES = str.maketrans({c: " " for c in '!"$%&()*,./:;<=>?@[\\]^`{|}~\t\r\n'})
+"""What separates words (`+`, `#`, `-`, `'` and `_` belong to them: c++, c#, trade-off)."""
+_CODE_STARTS = tuple(
+    keyword_list(
+        "def ,class ,import ,#include,public ,private ,func ,fn ,let ,const ,var ,return ,"
+        "if (,for (,while (,select ,insert into ,create table ,@,},</,$ ",
+        strip=False,
+    )
 )
-_NUMBERED = re.compile(r"(?:^|\n)[ \t]*(?:\d{1,2}[.)]|[-*•])[ \t]+\S")
+_CODE_ENDS = (";", "{", "):", "=>")
+_BULLETS = ("- ", "* ", "• ")
+_MAX_LINES = 400
 _REMINDER_OPEN, _REMINDER_CLOSE = "<system-reminder>", "</system-reminder>"
 _STEPS = ("first,", "first ", "then ", "after that", "finally", "next,", "secondly", "lastly")
 
 
 @dataclass(frozen=True, slots=True)
 class Keywords:
-    """A keyword list split for fast matching: whole words (a set) and phrases (substrings)."""
+    """A keyword list split for fast matching: whole words (a set) and phrases (substrings,
+    looked for only when their first word occurs)."""
 
     words: frozenset[str] = frozenset()
-    phrases: tuple[str, ...] = ()
+    phrases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, entries: Iterable[str]) -> Keywords:
@@ -183,11 +190,14 @@ class Keywords:
                 phrases.append(e)
             else:
                 words.add(e)
-        return cls(frozenset(words), tuple(dict.fromkeys(phrases)))
+        unique = dict.fromkeys(phrases)
+        return cls(
+            frozenset(words), tuple((split_words(p)[0], p) for p in unique if split_words(p))
+        )
 
     def hits(self, words: set[str], text: str) -> list[str]:
         found = sorted(self.words.intersection(words))
-        found += [p for p in self.phrases if p in text]
+        found += [p for first, p in self.phrases if first in words and p in text]
         return found
 
 
@@ -240,6 +250,8 @@ class Features:
     """What the classifier reads of a request (exposed for tests and the benchmark)."""
 
     ask: str = ""
+    """The last user turn without agents' reminders; of a long one, its first and last
+    `max_scan_chars / 2` characters."""
     ask_tokens: int = 0
     context_tokens: int = 0
     user_turns: int = 0
@@ -279,6 +291,29 @@ def _size(content: Any) -> int:
     return 0
 
 
+def split_words(lowered: str) -> list[str]:
+    """The words of a lower-cased text."""
+    return lowered.translate(_SPACES).split()
+
+
+def _lines(window: str) -> tuple[int, int]:
+    """(lines that look like code, numbered or bulleted lines) of a lower-cased window."""
+    code = listed = 0
+    for n, line in enumerate(window.split("\n")):
+        if n >= _MAX_LINES:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith(_CODE_STARTS) or text.endswith(_CODE_ENDS):
+            code += 1
+        if text.startswith(_BULLETS) or (
+            text[0].isdigit() and (text[1:3] in (". ", ") ") or text[2:4] in (". ", ") "))
+        ):
+            listed += 1
+    return code, listed
+
+
 def strip_reminders(text: str) -> str:
     """The text without the `<system-reminder>` blocks coding agents inject into user turns."""
     if _REMINDER_OPEN not in text:
@@ -295,7 +330,26 @@ def strip_reminders(text: str) -> str:
     return "".join(out).strip()
 
 
-def features(body: Mapping[str, Any]) -> Features:
+def scan_window(text: str, limit: int = DEFAULT_MAX_SCAN_CHARS) -> tuple[str, int]:
+    """(the text to scan, the length of the whole text without reminders): the text itself
+    when short, else its head and tail (reminders cut from each), so no pass over a long
+    prompt but `len()` costs more than one over `limit` characters."""
+    if len(text) <= limit:
+        stripped = strip_reminders(text)
+        return stripped, len(stripped)
+    half = limit // 2
+    head, tail = text[:half], text[-half:]
+    middle = len(text) - 2 * half
+    close, opening = tail.find(_REMINDER_CLOSE), tail.find(_REMINDER_OPEN)
+    if close >= 0 and (opening < 0 or close < opening):  # a reminder cut by the tail's start
+        tail = tail[close + len(_REMINDER_CLOSE) :]
+        if head.rfind(_REMINDER_OPEN) > head.rfind(_REMINDER_CLOSE):
+            middle = 0  # ... that the head opened: all between is reminder
+    head, tail = strip_reminders(head), strip_reminders(tail)
+    return f"{head}\n{tail}", len(head) + middle + len(tail)
+
+
+def features(body: Mapping[str, Any], max_scan_chars: int = DEFAULT_MAX_SCAN_CHARS) -> Features:
     """Read a chat body (or a legacy completions body's `prompt`)."""
     f = Features()
     messages = body.get("messages")
@@ -315,17 +369,18 @@ def features(body: Mapping[str, Any]) -> Features:
                 role == "assistant" and message.get("tool_calls")
             ):
                 f.tool_messages += 1
-        f.ask = strip_reminders(_text(ask_message))
+        ask = _text(ask_message)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list):
             prompt = "\n".join(p for p in prompt if isinstance(p, str))
-        f.ask = prompt if isinstance(prompt, str) else ""
-        context_chars = len(f.ask)
+        ask = prompt if isinstance(prompt, str) else ""
+        context_chars = len(ask)
         f.user_turns = 1
     tools = body.get("tools") or body.get("functions")
     f.has_tools = isinstance(tools, list) and len(tools) > 0
-    f.ask_tokens = (len(f.ask) + 3) // 4
+    f.ask, chars = scan_window(ask, max_scan_chars)
+    f.ask_tokens = (chars + 3) // 4
     f.context_tokens = (context_chars + 3) // 4
     f.fences = f.ask.count("```") // 2
     return f
@@ -347,14 +402,12 @@ class ComplexityClassifier:
         self._weights = {d: float(s.weights.get(d, 0.0)) for d in DIMENSIONS}
 
     def classify(self, body: Mapping[str, Any]) -> Classification:
-        return self.classify_features(features(body))
+        return self.classify_features(features(body, self.settings.max_scan_chars))
 
     def classify_features(self, f: Features) -> Classification:
         s = self.settings
         ask = f.ask
-        half = s.max_scan_chars // 2
-        window = ask if len(ask) <= s.max_scan_chars else f"{ask[:half]}\n{ask[-half:]}"
-        lowered = window.lower()
+        lowered = ask.lower()
         signals: list[str] = []
 
         # deterministic overrides first: the highest matching tier wins
@@ -366,12 +419,13 @@ class ComplexityClassifier:
         tokens, fences = f.ask_tokens, f.fences
         instruction = lowered.lstrip().split("\n", 1)[0][:300]
         if len(instruction) < len(lowered.strip()) and _TRANSFORM.hits(
-            set(_WORD.findall(instruction)), instruction
+            set(split_words(instruction)), instruction
         ):
-            window = lowered = instruction
+            lowered = instruction
             tokens, fences = (len(instruction) + 3) // 4, 0
             signals.append("transform")
-        words = set(_WORD.findall(lowered))
+        words = set(split_words(lowered))
+        code_lines, listed = _lines(lowered) if "\n" in lowered else (0, 0)
 
         dims: dict[str, float] = {}
         simple_low, complex_high = s.token_thresholds
@@ -380,7 +434,6 @@ class ComplexityClassifier:
         if fences:
             code = 1.0
         else:
-            code_lines = len(_CODE_LINE.findall(window)) if "\n" in window else 0
             code_hits = len(s.code.hits(words, lowered))
             code = 0.8 if code_lines >= 3 else (0.0, 0.35, 0.6, 0.8)[min(code_hits, 3)]
         dims["codePresence"] = code
@@ -390,10 +443,10 @@ class ComplexityClassifier:
         technical_hits = len(s.technical.hits(words, lowered))
         dims["technicalTerms"] = (0.0, 0.45, 0.75, 1.0)[min(technical_hits, 3)]
 
-        steps = len(_NUMBERED.findall(window)) + sum(1 for m in _STEPS if m in lowered)
+        steps = listed + sum(1 for m in _STEPS if m in lowered)
         steps += len(_CONSTRAINTS.hits(words, lowered))
         dims["multiStepPatterns"] = (0.0, 0.3, 0.6, 1.0)[min(steps, 3)]
-        questions = window.count("?")
+        questions = lowered.count("?")
         dims["questionComplexity"] = (0.0, 0.0, 0.5, 1.0)[min(questions, 3)]
         dims["toolUse"] = (0.5 if f.has_tools else 0.0) + (0.5 if f.tool_messages else 0.0)
         turns = min(1.0, max(0, f.user_turns - 1) / 6)
