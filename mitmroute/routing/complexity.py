@@ -168,7 +168,6 @@ _CODE_ENDS = (";", "{", "):", "=>")
 _BULLETS = ("- ", "* ", "• ")
 _MAX_LINES = 400
 _REMINDER_OPEN, _REMINDER_CLOSE = "<system-reminder>", "</system-reminder>"
-_STEPS = ("first,", "first ", "then ", "after that", "finally", "next,", "secondly", "lastly")
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,7 +442,7 @@ class ComplexityClassifier:
         technical_hits = len(s.technical.hits(words, lowered))
         dims["technicalTerms"] = (0.0, 0.45, 0.75, 1.0)[min(technical_hits, 3)]
 
-        steps = listed + sum(1 for m in _STEPS if m in lowered)
+        steps = listed + len(_STEPS.hits(words, lowered))
         steps += len(_CONSTRAINTS.hits(words, lowered))
         dims["multiStepPatterns"] = (0.0, 0.3, 0.6, 1.0)[min(steps, 3)]
         questions = lowered.count("?")
@@ -480,4 +479,5 @@ class ComplexityClassifier:
 
 
 _TRANSFORM = Keywords.of(TRANSFORM_CUES)
+_STEPS = Keywords.of(("first", "then", "after that", "finally", "secondly", "lastly"))
 _CONSTRAINTS = Keywords.of(CONSTRAINT_CUES)

@@ -9,7 +9,9 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import anthropic
 import duckdb
+import httpx2 as httpx
 import pytest
 
 from tests.conftest import Proxy, deployment
@@ -158,6 +160,40 @@ def test_an_agent_session_never_drops_from_claude_within_its_ttl(start_proxy, ol
     headers, _ = ask(proxy, HARD, extra_headers={**session, "x-mitmroute-tier": "SIMPLE"})
     assert headers["x-mitmroute-deployment"] == "ollama/qwen3:32b"
     assert ask(proxy, EASY, metadata={"tier": "REASONING"})[0]["x-mitmroute-tier"] == "REASONING"
+
+
+def test_claude_code_style_messages_are_routed_and_stick_to_their_session(
+    start_proxy, ollama, claude
+):
+    """The Messages dialect (anthropic SDK) asks the same router; Claude Code names its
+    session `x-claude-code-session-id`."""
+    proxy = start_proxy(seed_config(ollama, claude))
+    http = httpx.Client(proxy=proxy.url, verify=proxy.ssl_context(), timeout=30)
+    client = anthropic.Anthropic(api_key="sk-ant-app", max_retries=0, http_client=http)
+    session = {"x-claude-code-session-id": "cc-1"}
+    with client:
+        hard = client.messages.with_raw_response.create(
+            model="gpt-4o",
+            max_tokens=100,
+            messages=[{"role": "user", "content": HARD}],
+            extra_headers=session,
+        )
+        assert hard.headers["x-mitmroute-deployment"] == "anthropic/claude-opus-4-20250514"
+        easy = client.messages.with_raw_response.create(
+            model="gpt-4o",
+            max_tokens=100,
+            messages=[{"role": "user", "content": "thanks"}],
+            extra_headers=session,
+        )
+        assert easy.headers["x-mitmroute-route-reason"] == "classifier+session"
+        forced = client.messages.with_raw_response.create(
+            model="gpt-4o",
+            max_tokens=100,
+            messages=[{"role": "user", "content": HARD}],
+            extra_headers={"x-mitmroute-tier": "simple"},
+        )
+        assert forced.headers["x-mitmroute-deployment"] == "ollama/qwen3:32b"
+        assert forced.parse().content[0].text.startswith("echo:")
 
 
 def test_sessions_are_shared_by_two_proxies_on_one_redis(start_proxy, ollama, claude):
