@@ -5,8 +5,9 @@
 that group as on any other). The decision, in order:
 
 1. **Explicit override**: the `x-mitmroute-tier` request header, else `metadata.tier` in the
-   body: `SIMPLE`, `MEDIUM`, `COMPLEX`, `REASONING` (any case), or `auto` to classify. Anything
-   else is a 400. An override wins over the session's tier (and does not lower it).
+   body (removed before the body goes upstream): `SIMPLE`, `MEDIUM`, `COMPLEX`, `REASONING`
+   (any case), or `auto` to classify. Anything else is a 400. An override wins over the
+   session's tier (and does not lower it); the budget step-down still applies to it.
 2. **Classifier** (`routing/complexity.py`) on chat and legacy completions; embeddings go to the
    baseline group (reason `default`).
 3. **Session**: a conversation never drops below the highest tier it reached within
@@ -105,6 +106,13 @@ class ComplexityRouters:
         """The model group router `name` sends this request to (sets `exchange.tier_route`)."""
         router = self.routers[name]
         override = tier_override(request.headers, body)
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict) and "tier" in metadata:  # ours: never sent upstream
+            rest = {k: v for k, v in metadata.items() if k != "tier"}
+            if rest:
+                body["metadata"] = rest
+            else:
+                del body["metadata"]
         score = None
         if override is not None:
             tier, steps = override[0], [override[1]]

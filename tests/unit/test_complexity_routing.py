@@ -475,3 +475,23 @@ def test_an_older_spend_log_file_and_spill_line_gain_the_new_columns(tmp_path: P
         ("r8", "COMPLEX", Decimal("0.002")),
         ("spilled", None, None),
     ]
+
+
+async def test_metadata_tier_is_mitmroutes_and_never_goes_upstream(engine: Engine):
+    from mitmroute.routing.complexity_router import ComplexityRouters
+
+    routers: ComplexityRouters = engine.tiers
+    for metadata, left in (
+        ({"tier": "SIMPLE", "app": "x"}, {"app": "x"}),
+        ({"tier": "SIMPLE"}, None),
+    ):
+        body = {
+            "model": "gpt-4o",
+            "messages": [{"role": "user", "content": HARD}],
+            "metadata": metadata,
+        }
+        request = ClientRequest("POST", "/v1/chat/completions", {}, b"")
+        group = await routers.route(
+            "gpt-4o", request, body, "chat/completions", Exchange("r", T0, "")
+        )
+        assert group == "local-qwen" and body.get("metadata") == left
