@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from mitmroute.routing.complexity_tiers import TierRouterSettings, is_auto_router, parse_router
+
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "os.environ/"
@@ -307,6 +309,9 @@ class RouterConfig:
     drop_params: bool = False
     callbacks: tuple[str, ...] = ()
     source: str = "<built-in defaults>"
+    complexity_routers: dict[str, TierRouterSettings] = field(default_factory=dict)
+    """`auto_router/complexity_router` entries of model_list, by model name (not deployments:
+    each routes a request to one of its tiers' model groups; see routing/complexity_tiers.py)."""
 
     def groups(self) -> dict[str, list[Deployment]]:
         """Deployments by model group name, in config order."""
@@ -734,22 +739,60 @@ def parse_config(
     model_list = raw.get("model_list") or []
     if not isinstance(model_list, list):
         raise ConfigError("model_list: expected a list")
-    deployments = tuple(_deployment(e, i, environ) for i, e in enumerate(model_list))
+    routers = {
+        i: e
+        for i, e in enumerate(model_list)
+        if isinstance(e, dict) and is_auto_router(e.get("litellm_params"))
+    }
+    deployments = tuple(
+        _deployment(e, i, environ) for i, e in enumerate(model_list) if i not in routers
+    )
     groups = {d.model_name for d in deployments}
     litellm = {
         k: _resolve_env(v, f"litellm_settings.{k}", environ)
         for k, v in _mapping(raw.get("litellm_settings"), "litellm_settings").items()
     }
     _warn_unknown(litellm, KNOWN_LITELLM_SETTINGS, "litellm_settings")
+    router = _router_settings(raw.get("router_settings"), groups, environ)
     return RouterConfig(
         deployments=deployments,
-        router=_router_settings(raw.get("router_settings"), groups, environ),
+        router=router,
         general=_general_settings(raw.get("general_settings"), environ),
         cache=_cache_settings(litellm, environ),
         drop_params=_bool(litellm.get("drop_params"), "litellm_settings.drop_params", False),
         callbacks=tuple(_str_list(litellm.get("callbacks"), "litellm_settings.callbacks")),
         source=source,
+        complexity_routers=_complexity_routers(routers, groups, router.model_group_alias, environ),
     )
+
+
+def _complexity_routers(
+    entries: dict[int, dict[str, Any]],
+    groups: set[str],
+    aliases: dict[str, str],
+    environ: dict[str, str],
+) -> dict[str, TierRouterSettings]:
+    """The `auto_router/complexity_router` entries, by model name."""
+    out: dict[str, TierRouterSettings] = {}
+    for i, entry in entries.items():
+        path = f"model_list[{i}]"
+        _warn_unknown(entry, KNOWN_MODEL_ENTRY, "model_list[]")
+        name = entry.get("model_name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{path}.model_name: required, a non-empty string")
+        if name in groups or name in out:
+            raise ConfigError(f"{path}.model_name: {name!r} names a model group already")
+        params = {
+            k: _resolve_env(v, f"{path}.litellm_params.{k}", environ)
+            for k, v in entry["litellm_params"].items()
+        }
+        try:
+            out[name] = parse_router(
+                name, params, f"{path}.litellm_params", groups, aliases, _warn_unknown
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out
 
 
 def load_config(

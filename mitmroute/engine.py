@@ -45,6 +45,7 @@ from mitmroute.request import (
     new_exchange,
     now_utc,
 )
+from mitmroute.routing.complexity_router import REASON_HEADER, TIER_HEADER, ComplexityRouters
 from mitmroute.routing.plan import Stop, Wait
 from mitmroute.routing.state import RoutingState
 from mitmroute.spend import estimate_prompt_tokens, estimate_text_tokens
@@ -66,6 +67,8 @@ class Engine:
         self.pricing = Pricing.for_config(config)
         self.routing = RoutingState(config, self.pricing)
         self.cooldowns = self.routing.cooldowns
+        self.tiers = ComplexityRouters(config, self.pricing)
+        """`auto_router/complexity_router` model names and how they pick a tier's group."""
         self.upstream = Upstream(config)
         self._started = False
         self.cache = ResponseCache.from_settings(config.cache) if config.cache.enabled else None
@@ -82,10 +85,12 @@ class Engine:
         await self.routing.start()
         if self.cache is not None:
             await self.cache.start()
+        await self.tiers.start()
 
     async def close(self) -> None:
         await self.upstream.close()
         await self.routing.close()
+        await self.tiers.close()
         if self.cache is not None:
             await self.cache.close()
         self._started = False
@@ -112,6 +117,8 @@ class Engine:
             exchange.user = body.get("user") if isinstance(body.get("user"), str) else None
             exchange.stream = body.get("stream") is True
             group = self.config.router.model_group_alias.get(body["model"], body["model"])
+            if group in self.tiers:  # a complexity router: a tier's group, before the cache
+                group = await self.tiers.route(group, request, body, endpoint, exchange)
             if group not in self.groups:
                 if self.config.general.passthrough_unknown_models:
                     return Reply(passthrough=True, exchange=exchange)
@@ -142,8 +149,11 @@ class Engine:
             )
 
     def group_of(self, model: str) -> str | None:
-        """The model group a requested model names (aliases resolved), None when unknown."""
+        """The model group a requested model names (aliases resolved; a complexity router's
+        baseline group), None when unknown."""
         group = self.config.router.model_group_alias.get(model, model)
+        if group in self.tiers:
+            return self.tiers.routers[group].baseline
         return group if group in self.groups else None
 
     # --- cache ------------------------------------------------------------------------------
@@ -290,6 +300,10 @@ class Engine:
         if exchange.deployment:
             headers["x-mitmroute-deployment"] = exchange.deployment
         headers["x-mitmroute-attempts"] = str(len(exchange.attempts))
+        if (route := exchange.tier_route) is not None:
+            if route.tier is not None:
+                headers[TIER_HEADER] = route.tier
+            headers[REASON_HEADER] = route.reason
         if ticket is not None:
             headers["x-mitmroute-cache"] = "HIT" if exchange.cache_hit else "MISS"
             headers["x-mitmroute-cache-key"] = ticket.key
@@ -396,7 +410,7 @@ class Engine:
         created = int(time.time())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "mitmroute"}
-            for name in [*self.groups, *self.config.router.model_group_alias]
+            for name in [*self.groups, *self.tiers.routers, *self.config.router.model_group_alias]
         ]
         body = json.dumps({"object": "list", "data": data}).encode()
         exchange.status_code, exchange.deployment = 200, "mitmroute/models"
@@ -430,6 +444,7 @@ class Engine:
             exchange.cost_usd = self.pricing.cost(
                 exchange.provider, model, exchange.usage, deployment
             )
+            self.tiers.price_baseline(exchange)
         for listener in self.listeners:
             try:
                 listener(exchange)

@@ -89,6 +89,25 @@ class Attempt:
 
 
 @dataclass(slots=True)
+class TierRoute:
+    """How a complexity router (`auto_router/complexity_router`) chose the model group."""
+
+    router: str
+    """The router's model name, as the request named it (aliases resolved)."""
+    tier: str | None
+    """SIMPLE, MEDIUM, COMPLEX or REASONING; None when the request was not classified (an
+    embeddings call goes to the default model)."""
+    reason: str
+    """What decided, in order, joined by `+`: `classifier` or `rule` (a keyword_tier_rules
+    entry), `header` or `metadata` (an explicit override), `default`; then `session` (the
+    session held a higher tier) and `budget` (stepped down for the key's budget)."""
+    score: float | None = None
+    baseline_group: str | None = None
+    baseline_cost_usd: Decimal | None = None
+    """What the same tokens would have cost on the baseline (default) model group."""
+
+
+@dataclass(slots=True)
 class Exchange:
     """One client request, from arrival to last byte (a row of `spend_log`)."""
 
@@ -119,5 +138,7 @@ class Exchange:
     saved_usd: Decimal | None = None
     tags: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    tier_route: TierRoute | None = None
+    """Set when a complexity router chose the model group (spend columns route_*)."""
     clock_start: float = 0.0
     """`time.perf_counter()` at arrival, for latencies (not persisted)."""

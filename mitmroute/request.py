@@ -33,7 +33,9 @@ class ClientRequest:
     """Lower-case header names."""
     body: bytes
     identity: dict[str, Any] = field(default_factory=dict)
-    """What authentication learned of the caller: key_alias, team, api_key_hash, ..."""
+    """What authentication learned of the caller: key_alias, team, api_key_hash, user_id, and
+    for a virtual key with a budget `budget_share` (its settled spend in the current window /
+    max_budget, when admitted; a complexity router's budget step-down reads it)."""
     scheme: str = "https"
     host: str = ""
     port: int = 443

@@ -267,6 +267,8 @@ class KeyAuth:
         verdict = await state.admin.limiter.admit(policy, estimate)
         if not verdict.ok:
             raise rejection(verdict, record)
+        if policy.max_budget:  # what a complexity router's budget step-down reads
+            flow.metadata[IDENTITY_KEY]["budget_share"] = verdict.spent / policy.max_budget
         assert verdict.reservation is not None
         verdict.reservation.key_alias, verdict.reservation.team = record.key_alias, record.team
         flow.metadata[RESERVATION_KEY] = verdict.reservation

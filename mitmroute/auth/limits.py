@@ -753,6 +753,9 @@ class CostEstimator:
                 max((r[0] for r in found), default=Decimal(0)),
                 max((r[1] for r in found), default=Decimal(0)),
             )
+        for name, router in config.complexity_routers.items():  # its dearest tier
+            found = [self._rates[g] for g in router.groups]
+            self._rates[name] = (max(r[0] for r in found), max(r[1] for r in found))
 
     def group_of(self, model: str) -> str:
         return self.config.router.model_group_alias.get(model, model)

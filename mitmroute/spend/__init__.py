@@ -6,7 +6,8 @@ the event loop.
 - :func:`estimate_prompt_tokens` / :func:`estimate_text_tokens` (tokens.py): usage when the
   backend reports none.
 - schema.py: the tables and the views (``spend_daily``, ``spend_last_hour``, ``cache_savings``,
-  ``fallback_rate``, ``deployment_latency``, ...).
+  ``fallback_rate``, ``deployment_latency``, ``routing_savings``, ...); older files gain newer
+  columns by ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``.
 """
 
 from mitmroute.spend.tokens import estimate_prompt_tokens, estimate_text_tokens

@@ -7,7 +7,7 @@ whatever the session's TimeZone. Note: fetching a TIMESTAMPTZ value into Python 
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SPEND_LOG: tuple[tuple[str, str], ...] = (
     ("request_id", "VARCHAR"),
@@ -42,7 +42,16 @@ SPEND_LOG: tuple[tuple[str, str], ...] = (
     ("saved_usd", "DECIMAL(18,10)"),
     ("tags", "VARCHAR[]"),
     ("metadata", "JSON"),
+    # version 2: the complexity router's choice and what the baseline tier would have cost
+    ("route_tier", "VARCHAR"),
+    ("route_reason", "VARCHAR"),
+    ("route_score", "DOUBLE"),
+    ("baseline_cost_usd", "DECIMAL(18,10)"),
 )
+V1_WIDTH = 32
+"""Columns of a version-1 row: files and spill lines of older versions lack the rest, which
+`ensure_schema` adds (ALTER TABLE ... ADD COLUMN IF NOT EXISTS) and spill replay fills with
+NULL."""
 
 SPEND_ATTEMPTS: tuple[tuple[str, str], ...] = (
     ("request_id", "VARCHAR"),
@@ -89,6 +98,7 @@ def insert_sql(table: str, columns: tuple[tuple[str, str], ...]) -> str:
 DAY = "CAST(timezone('UTC', started_at) AS DATE)"
 MODEL = "coalesce(model_group, requested_model)"
 OK = "(status_code IS NULL OR status_code < 400)"
+PRICED = "cost_usd IS NOT NULL AND baseline_cost_usd IS NOT NULL"
 
 
 def _sums(*cols: str) -> str:
@@ -165,6 +175,19 @@ VIEWS: dict[str, str] = {
                quantile_cont(latency_ms, 0.99) AS p99_ms
         FROM spend_log WHERE {OK} AND NOT cache_hit AND deployment IS NOT NULL
         GROUP BY ALL""",
+    # what the complexity routers saved: cost against the same tokens on the baseline tier.
+    # Sums are over rows with both prices (so saved = baseline - cost); rows with tokens but
+    # an unknown price on either side are counted in `unpriced`. Cache hits carry no baseline.
+    "routing_savings": f"""
+        SELECT {DAY} AS day, team, requested_model AS router, route_tier,
+               model_group, count(*) AS requests,
+               count(*) FILTER (WHERE NOT cache_hit AND total_tokens IS NOT NULL
+                   AND (cost_usd IS NULL OR baseline_cost_usd IS NULL)) AS unpriced,
+               coalesce(sum(cost_usd) FILTER (WHERE {PRICED}), 0) AS cost_usd,
+               coalesce(sum(baseline_cost_usd) FILTER (WHERE {PRICED}), 0)
+                   AS baseline_cost_usd,
+               coalesce(sum(baseline_cost_usd - cost_usd), 0) AS saved_by_routing_usd
+        FROM spend_log WHERE route_reason IS NOT NULL GROUP BY ALL""",
     # every upstream attempt, failed ones included: outcome mix per deployment
     "attempt_errors": f"""
         SELECT {DAY} AS day, deployment, api_base,
@@ -188,6 +211,10 @@ def ddl() -> list[str]:
     """Every statement that creates or refreshes the schema, in order."""
     stmts = [
         _create("spend_log", SPEND_LOG),
+        *(
+            f"ALTER TABLE spend_log ADD COLUMN IF NOT EXISTS {_q(n)} {t}"
+            for n, t in SPEND_LOG[V1_WIDTH:]
+        ),
         _create("spend_attempts", SPEND_ATTEMPTS),
         META.strip(),
         SPILL_REPLAYS.strip(),

@@ -153,6 +153,7 @@ class RowBuilder:
     def build(self, ex: Exchange) -> Line:
         u = ex.usage
         cost, saved = ex.cost_usd, ex.saved_usd
+        route = ex.tier_route
         metadata = (
             json.dumps(ex.metadata, default=str, separators=(",", ":")) if ex.metadata else None
         )
@@ -189,6 +190,10 @@ class RowBuilder:
             _money(saved),
             tuple(str(t) for t in ex.tags),
             metadata,
+            route.tier if route else None,
+            route.reason if route else None,
+            _float(route.score) if route else None,
+            _money(route.baseline_cost_usd) if route else None,
         )
         attempts = tuple(
             (
@@ -255,7 +260,11 @@ def _parse(raw: bytes) -> Line | None:
         row, attempts = json.loads(raw)
     except (ValueError, TypeError):
         return None
-    if not isinstance(row, list) or len(row) != _LOG_WIDTH or not isinstance(attempts, list):
+    if not isinstance(row, list) or not isinstance(attempts, list):
+        return None
+    if schema.V1_WIDTH <= len(row) < _LOG_WIDTH:  # written by an older version: pad with NULL
+        row = row + [None] * (_LOG_WIDTH - len(row))
+    if len(row) != _LOG_WIDTH:
         return None
     if not all(isinstance(a, list) and len(a) == _ATTEMPT_WIDTH for a in attempts):
         return None

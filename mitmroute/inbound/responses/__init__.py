@@ -104,7 +104,7 @@ class ResponsesInbound:
         if not isinstance(model, str) or not model:
             raise errors.bad_request("you must provide a model parameter", param="model")
         group = engine.config.router.model_group_alias.get(model, model)
-        if group not in engine.groups:
+        if group not in engine.groups and group not in engine.tiers:
             if not engine.config.general.passthrough_unknown_models:
                 raise errors.model_not_found(model)
             exchange = new_exchange(request, "responses")
@@ -234,6 +234,8 @@ def openai_only(config: RouterConfig, group: str) -> bool:
         if current in seen:
             continue
         seen.add(current)
+        if (router := config.complexity_routers.get(current)) is not None:
+            todo.extend(router.groups)  # any tier may answer
         for deployment in groups.get(current, ()):
             if deployment.provider not in OPENAI_COMPATIBLE:
                 return False
