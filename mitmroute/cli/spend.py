@@ -22,7 +22,8 @@ from typing import Any
 from mitmroute.cli import configs
 from mitmroute.cli.errors import CliError
 from mitmroute.cli.table import render
-from mitmroute.config import ConfigError, parse_duration
+from mitmroute.config import ConfigError, load_config, parse_duration
+from mitmroute.money import whatif
 
 GROUPS = {
     "team": "team",
@@ -151,6 +152,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-rows", metavar="PATH", help="write the window's raw rows as Parquet")
     p.add_argument("--wait", type=float, default=5.0, help="seconds to retry a busy file")
     p.add_argument("--sql", metavar="QUERY", help="run any SQL read-only and print the result")
+    p.add_argument(
+        "--what-if",
+        metavar="CONFIG",
+        help="re-price the window's requests under another config.yaml (its groups, tiers and "
+        "prices), from the ledger's token counts, calling no backend; --by model_group,team,day",
+    )
 
 
 def spend_db(args: argparse.Namespace) -> str:
@@ -160,8 +167,44 @@ def spend_db(args: argparse.Namespace) -> str:
     return config.general.spend_db
 
 
+def what_if(con: Any, path: str, by: list[str], since: float | None, db: str, label: str) -> int:
+    """The window's cost as it was, and under the config at `path`."""
+    by = ["model_group" if g == "model" else g for g in by]
+    try:
+        whatif.by_dimensions(by)
+        other = load_config(path)
+    except (ValueError, ConfigError) as e:
+        raise CliError(f"--what-if: {e}", 2) from None
+    window = ""
+    if since is not None:
+        window = f"AND started_at >= now() - to_seconds({float(since)!r})"
+    report = whatif.reprice(con, other, by, window)
+    window_text = "all time" if since is None else f"the last {label}"
+    print(f"{db}: {window_text}, priced as it ran and as {path} would have priced it")
+    headers = [*by, "requests", "cost_usd", "what_if_usd", "difference_usd", "unpriced"]
+    rows = []
+    for key, line in sorted(report.lines.items(), key=lambda kv: -kv[1].cost_now):
+        rows.append([*(fmt(k, "") for k in key[: len(by)]), *_line(line)])
+    if report.lines:
+        rows.append([*(["total"] + [""] * (len(by) - 1) if by else []), *_line(report.total)])
+    print(render(headers, rows) if report.lines else "nothing to re-price: no answered requests")
+    return 0
+
+
+def _line(line: whatif.Line) -> list[str]:
+    return [
+        str(line.rows),
+        fmt(line.cost_now, "cost_usd"),
+        fmt(line.cost_then, "cost_usd"),
+        fmt(line.difference, "cost_usd"),
+        str(line.unplaced),
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     by = [] if args.by in ("", "none") else [g.strip() for g in args.by.split(",") if g.strip()]
+    if args.what_if:
+        by = ["model_group" if g == "model" else g for g in by]
     bad = [g for g in by if g not in GROUPS]
     if bad:
         raise CliError(
@@ -189,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
                 else "no rows"
             )
             return 0
+        if args.what_if:
+            return what_if(con, args.what_if, by, since, db, args.since)
         sql = summary_sql(by, since)
         headers, rows = query(con, sql)
         window = "all time" if since is None else f"the last {args.since}"

@@ -130,18 +130,28 @@ def test_redis_cache_is_shared_by_two_proxies_and_expires(start_proxy, backend):
     first_proxy = start_proxy(cached_config(backend, params))
     second_proxy = start_proxy(cached_config(backend, params))
     messages = unique_messages()
+    r = redis.Redis(host="127.0.0.1", port=6379)
+
+    def stored() -> bool:
+        return any(True for _ in r.scan_iter(f"{namespace}*"))
+
+    def until(condition, timeout: float = 10.0) -> None:  # the write is off the request path
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out"
+            time.sleep(0.02)
+
     try:
         with first_proxy.client() as a, second_proxy.client() as b:
             miss = a.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
-            time.sleep(0.1)
+            until(stored)
             hit = b.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
-            time.sleep(1.2)
+            until(lambda: not stored())  # Redis expires it after the 1 s ttl
             expired = b.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
         assert miss.headers["x-mitmroute-cache"] == "MISS"
         assert hit.headers["x-mitmroute-cache"] == "HIT"
         assert expired.headers["x-mitmroute-cache"] == "MISS"
     finally:
-        r = redis.Redis(host="127.0.0.1", port=6379)
         for key in r.scan_iter(f"{namespace}*"):
             r.delete(key)
         r.close()
