@@ -23,9 +23,9 @@ Exactly once, with many writers
     Each row is written by the one proxy that served it, in one transaction with its
     attempts; a batch's ``request_id``s are looked up first (as in the file), so a replayed
     spill file or a commit reported failed that landed after all adds nothing. Spill files
-    (``<spend_db>.spill.jsonl``, local to the host) may be shared by every proxy of a host:
-    appends and claims hold ``<spend_db>.spill.lock``, and a claimed file is replayed only by
-    the proxy holding its lock, its marker committed with its rows.
+    (beside ``spend_db``, local to the host) are per process and locked while it lives; one
+    left by a proxy that died is adopted and replayed by one proxy of the host, under its
+    lock, its marker committed with its rows.
 
 What a crash costs
     A commit is one PostgreSQL transaction (the Parquet file, if any, is written before it):
@@ -44,6 +44,7 @@ import os
 import random
 import re
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,59 +236,112 @@ def ensure_lake_schema(con: Any, attempts: int = 8) -> None:
 # --- spill files several processes share ---------------------------------------------------
 
 
-@contextlib.contextmanager
-def _flock(path: Path, flags: int = fcntl.LOCK_EX) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, flags)
-        yield fd
-    finally:
-        os.close(fd)
-
-
 class SharedSpillFiles(SpillFiles):
-    """`<db>.spill.jsonl` that every proxy of a host may append to and replay: appends and
-    claims (renames) hold `<db>.spill.lock`; a claimed file is replayed under its own lock."""
+    """Spill files of a proxy that shares `spend_db`'s directory with other proxies of the host.
+
+    Each process appends to its own live file (`<db>.spill.live-<pid>-<id>.jsonl`) and holds
+    an flock on it for as long as it lives, handing the lock over to the replay when it claims
+    the file. Any file whose lock nobody holds (its proxy died, or the file is a claimed one
+    whose replay failed, or `<db>.spill.jsonl` of a local-mode run) is adopted by whichever
+    proxy locks it first, and replayed by that one only."""
 
     def __init__(self, db_path: Path, *, fsync: bool = False):
         super().__init__(db_path, fsync=fsync)
-        self.lock_path = Path(f"{db_path}.spill.lock")
+        self.legacy = self.path
+        self.path = Path(f"{db_path}.spill.live-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl")
+        self._live_fd: int | None = None
+        self._locks: dict[str, int] = {}
+        """Claimed files this process holds the lock of, by path."""
 
     def append(self, lines: Any) -> int:
         lines = list(lines)
-        if not lines:
-            return 0
-        with _flock(self.lock_path):
-            return super().append(lines)
+        if lines:
+            with self.lock:
+                self._hold_live()
+        return super().append(lines)
+
+    def _hold_live(self) -> None:
+        """Create (or re-create) the live file and hold its lock."""
+        if self._live_fd is not None:
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self._live_fd).st_ino:
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(self._live_fd)
+            self._live_fd = None
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new name: nobody else has it
+        self._live_fd = fd
 
     def claim(self) -> Path | None:
-        if not self.path.exists():
-            return None
-        with _flock(self.lock_path):
-            return super().claim()
+        with self.lock:
+            if self._live_fd is None or not self.path.exists():
+                return None
+            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            os.replace(self.path, target)
+            self._locks[str(target)], self._live_fd = self._live_fd, None
+            return target
+
+    def claimed(self) -> list[Path]:
+        self._adopt()
+        return super().claimed()
+
+    def _adopt(self) -> None:
+        """Claim the live files no process holds (their proxy is gone)."""
+        base = Path(self._stem)
+        for path in [self.legacy, *base.parent.glob(f"{base.name}.live-*.jsonl")]:
+            if path == self.path:
+                continue
+            fd = _lock_nowait(path)
+            if fd is None:
+                continue
+            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            try:
+                os.replace(path, target)
+            except OSError:
+                os.close(fd)
+                continue
+            self._locks[str(target)] = fd
 
     @contextlib.contextmanager
     def replaying(self, path: Path) -> Iterator[bool]:
         """Hold `path`'s lock while it is replayed: True if this process may replay it (no
         other holds it, and it is still there)."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = self._locks.pop(str(path), None)
+        if fd is None:
+            fd = _lock_nowait(path)
+        if fd is None:
             yield False
             return
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            yield same
+            yield True
         finally:
             os.close(fd)
+
+    def release(self) -> None:
+        """Let go of every lock (the writer is closed): what is left is adopted next time."""
+        with self.lock:
+            for fd in [*self._locks.values(), *([self._live_fd] if self._live_fd else [])]:
+                os.close(fd)
+            self._locks.clear()
+            self._live_fd = None
+
+
+def _lock_nowait(path: Path) -> int | None:
+    """An fd of `path` holding its exclusive flock, or None (someone holds it, or it's gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not renamed meanwhile
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 # --- the writer ---------------------------------------------------------------------------------
@@ -427,6 +481,8 @@ class LakeSpendLog(SpendLog):
         result = super().close(timeout)
         if not self._alive():
             self._disconnect()
+            assert isinstance(self.spill, SharedSpillFiles)
+            self.spill.release()
         return result
 
 
