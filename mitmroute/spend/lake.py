@@ -375,6 +375,13 @@ class LakeSpendLog(SpendLog):
         self._next_maintenance = time.monotonic() + maintenance_interval * random.uniform(0.5, 1)
         self.stats["maintenance"] = 0
 
+    def _run(self) -> None:
+        # connect at once, not at the first row: rows recorded while the extensions load and
+        # the ledger is attached (~1 s) wait in memory, where a SIGKILL would lose them
+        with contextlib.suppress(_Busy):
+            self._connect()
+        super()._run()
+
     # -- where rows go ------------------------------------------------------------------------
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
