@@ -67,6 +67,7 @@ MAINTENANCE = (
 merged. Old files are deleted by `mitmroute spend --compact` (readers may still need them)."""
 METADATA_SCHEMA = "mitmroute_spend"
 URL_SCHEMES = ("postgresql", "postgres")
+CONNECT_TIMEOUT = 10
 
 
 COMMIT_RETRIES = (
@@ -121,23 +122,43 @@ class SharedLedger:
             options.append(f"DATA_INLINING_ROW_LIMIT {int(inline_rows)}")
         try:
             con.execute(
-                f"ATTACH 'ducklake:postgres:{self.database_url}' AS {ALIAS} ({', '.join(options)})"
+                f"ATTACH 'ducklake:postgres:{self._target}' AS {ALIAS} ({', '.join(options)})"
             )
         except duckdb.Error as e:
             raise type(e)(redact(str(e))) from None
         con.execute(f"USE {ALIAS}")
 
+    @staticmethod
+    def prepare(threads: int = 1) -> Any:
+        """A DuckDB connection with the extensions loaded (~0.5 s), to attach the ledger to."""
+        con = extensions.connect(threads=threads)
+        for setting in COMMIT_RETRIES:
+            con.execute(setting)
+        return con
+
     def connect(self, *, read_only: bool = False, threads: int = 1, inline_rows: int = 0) -> Any:
         """A new DuckDB connection with the ledger attached (~0.5-1 s: keep it)."""
-        con = extensions.connect(threads=threads)
+        con = self.prepare(threads)
         try:
-            for setting in COMMIT_RETRIES:
-                con.execute(setting)
             self.attach(con, read_only=read_only, inline_rows=inline_rows)
         except BaseException:
             con.close()
             raise
         return con
+
+    @staticmethod
+    def detach(con: Any) -> None:
+        con.execute("USE memory")
+        con.execute(f"DETACH DATABASE IF EXISTS {ALIAS}")
+
+    @property
+    def _target(self) -> str:
+        """The URL as libpq gets it: with a connect timeout unless it names one (a host that
+        drops packets would otherwise hold the writer thread for minutes)."""
+        if "connect_timeout" in self.database_url:
+            return self.database_url
+        sep = "&" if "?" in self.database_url else "?"
+        return f"{self.database_url}{sep}connect_timeout={CONNECT_TIMEOUT}"
 
 
 def from_settings(general: Any) -> SharedLedger | None:
@@ -370,6 +391,9 @@ class LakeSpendLog(SpendLog):
         self.inline_rows = inline_rows
         self.maintenance_interval = maintenance_interval
         self._con: Any = None
+        """The connection with the ledger attached, between flushes."""
+        self._duck: Any = None
+        """The same connection, also while the ledger is not attached (extensions loaded)."""
         self._skipped = False
         """A spill file was left to the proxy replaying it (look again next flush)."""
         self._next_maintenance = time.monotonic() + maintenance_interval * random.uniform(0.5, 1)
@@ -387,29 +411,30 @@ class LakeSpendLog(SpendLog):
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self._con is not None:
             return self._con
-        for attempt in range(3):
+        try:
+            if self._duck is None:
+                self._duck = self.ledger.prepare(int(self.config.get("threads", 1)))
+        except (duckdb.Error, OSError, extensions.ExtensionError) as e:
+            self._note_busy(e)
+            raise _Busy(redact(str(e))) from None
+        for attempt in range(2):
             try:
-                con = self.ledger.connect(
-                    threads=int(self.config.get("threads", 1)), inline_rows=self.inline_rows
-                )
+                self.ledger.attach(self._duck, inline_rows=self.inline_rows)
                 try:
-                    ensure_lake_schema(con)
+                    ensure_lake_schema(self._duck)
                 except BaseException:
-                    con.close()
+                    self.ledger.detach(self._duck)
                     raise
                 break
-            except (duckdb.Error, OSError) as e:  # e.g. proxies creating the ledger together
-                if attempt < 2 and not self._stop.is_set():
-                    time.sleep(random.uniform(0.1, 0.5))
+            except (duckdb.Error, OSError) as e:  # once more: proxies creating it together
+                if attempt == 0 and not self._stop.is_set():
+                    time.sleep(random.uniform(0.05, 0.3))
                     continue
                 self._note_busy(e)
                 raise _Busy(redact(str(e))) from None
-            except extensions.ExtensionError as e:
-                self._note_busy(e)
-                raise _Busy(str(e)) from None
-        self._con = con
+        self._con = self._duck
         self._schema_ready = True
-        return con
+        return self._con
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         ensure_lake_schema(con)
@@ -437,11 +462,20 @@ class LakeSpendLog(SpendLog):
         if not ok:  # PostgreSQL went away, perhaps: a fresh connection next time
             self._disconnect()
 
-    def _disconnect(self) -> None:
-        con, self._con = self._con, None
-        if con is not None:
-            with contextlib.suppress(duckdb.Error):
-                con.close()
+    def _disconnect(self, close: bool = False) -> None:
+        """Detach the ledger (attached again at the next flush); `close`: the connection too."""
+        self._con = None
+        if self._duck is None:
+            return
+        try:
+            self.ledger.detach(self._duck)
+            if not close:
+                return
+        except duckdb.Error:
+            pass
+        with contextlib.suppress(duckdb.Error):
+            self._duck.close()
+        self._duck = None
 
     # -- spill files shared with the other proxies of the host ---------------------------------
 
@@ -487,7 +521,7 @@ class LakeSpendLog(SpendLog):
     def close(self, timeout: float = 10.0) -> bool:
         result = super().close(timeout)
         if not self._alive():
-            self._disconnect()
+            self._disconnect(close=True)
             assert isinstance(self.spill, SharedSpillFiles)
             self.spill.release()
         return result

@@ -263,3 +263,21 @@ def test_database_url_must_be_postgresql_and_name_a_database(tmp_path: Path):
     assert default is not None and default.data_path == "/a/spend-data"
     assert lake.from_settings(general()) is None
     assert lake.redact("password=hunter2 host=x") == "password=*** host=x"
+
+
+def test_postgresql_connections_cut_mid_run_lose_and_double_nothing(pg_url: str, tmp_path: Path):
+    ledger = SharedLedger.parse(pg_url, str(tmp_path / "data"))
+    log = LakeSpendLog(ledger, tmp_path / "spend.duckdb", flush_interval=0.05).start()
+    name = pg_url.rsplit("/", 1)[1]
+    for i in range(300):
+        log.record(make(i))
+        if i % 100 == 50:  # what a PostgreSQL restart or failover does to the writer
+            pg.psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                f"WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            )
+        time.sleep(0.005)
+    assert log.flush(60) and log.close()
+    got = read(pg_url, tmp_path, "SELECT count(*), count(DISTINCT request_id) FROM spend_log")
+    assert got == [(300, 300)]
+    assert log.summary()["db"] == 300
