@@ -3,6 +3,11 @@
 
     python scripts/bench_ledger.py --writers 3 --seconds 20            # shared (own database)
     python scripts/bench_ledger.py --local --seconds 20                # the local file
+    python scripts/bench_ledger.py --design postgres --writers 3       # the alternative
+
+`--design postgres` is the alternative the shared ledger was measured against (bench only):
+plain PostgreSQL tables (a unique index on request_id) written and read through DuckDB's
+postgres extension, by the same writer.
 
 Each writer process records rows as fast as its writer thread takes them (at most `--backlog`
 held in memory), for `--seconds`, then closes; the figure is rows in the ledger / elapsed.
@@ -13,6 +18,7 @@ Every row is then checked to be there exactly once. The shared mode creates a da
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import shutil
@@ -65,8 +71,57 @@ def exchange(writer: int, i: int) -> Exchange:
     )
 
 
+def pg_writer(url: str, spill: Path, **kwargs):
+    """The alternative design: the writer's batches into plain PostgreSQL tables."""
+    import duckdb
+
+    from mitmroute.spend import schema
+    from mitmroute.spend.lake import SharedLedger
+    from mitmroute.spend.writer import SpendLog
+
+    class PgSpendLog(SpendLog):
+        con = None
+
+        def _connect(self):
+            if self.con is None:
+                con = SharedLedger.prepare()
+                con.execute(f"ATTACH '{url}' AS spend (TYPE postgres)")
+                con.execute("USE spend")
+                self._ensure_schema(con)
+                self.con = con
+            return self.con
+
+        def _ensure_schema(self, con):
+            con.execute(schema._create("spend_log", schema.SPEND_LOG))
+            con.execute(schema._create("spend_attempts", schema.SPEND_ATTEMPTS))
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS spend_spill_replays "
+                "(spill_id VARCHAR, replayed_at TIMESTAMPTZ, rows_replayed BIGINT)"
+            )
+            for sql in (
+                "CREATE UNIQUE INDEX IF NOT EXISTS spend_log_id ON spend_log (request_id)",
+                "CREATE INDEX IF NOT EXISTS spend_log_started ON spend_log (started_at)",
+            ):
+                con.execute(f"CALL postgres_execute('spend', '{sql}')")
+
+        def _checkpoint(self, con):
+            pass
+
+        def _release(self, con, ok):
+            if not ok:
+                with contextlib.suppress(duckdb.Error):
+                    con.close()
+                self.con = None
+
+    return PgSpendLog(spill, **kwargs)
+
+
 def writer_main(n: int, args: dict, out: mp.Queue) -> None:
-    if args["local"]:
+    if args["design"] == "postgres":
+        w = pg_writer(
+            args["url"], Path(args["dir"]) / f"host-{n}" / "spend.duckdb", batch_size=args["batch"]
+        )
+    elif args["local"]:
         from mitmroute.spend import SpendLog
 
         w = SpendLog(Path(args["dir"]) / f"spend-{n}.duckdb", batch_size=args["batch"])
@@ -124,6 +179,7 @@ def main() -> int:
     )
     p.add_argument("--backlog", type=int, default=20_000)
     p.add_argument("--local", action="store_true", help="the local DuckDB file instead")
+    p.add_argument("--design", choices=("ducklake", "postgres"), default="ducklake")
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
     p.add_argument("--keep", action="store_true", help="keep the database and data files")
     p.add_argument("--json", action="store_true")
@@ -144,6 +200,7 @@ def main() -> int:
         "maintenance": args.maintenance,
         "seconds": args.seconds,
         "backlog": args.backlog,
+        "design": args.design,
     }
     try:
         ctx = mp.get_context("spawn")
@@ -167,15 +224,28 @@ def main() -> int:
                 stored, distinct = stored + a, distinct + b
                 con.close()
         else:
+            from mitmroute.spend import schema
             from mitmroute.spend.lake import SharedLedger, connect_readonly
 
-            con = connect_readonly(SharedLedger.parse(conf["url"], str(tmp / "data")))
+            ledger = SharedLedger.parse(conf["url"], str(tmp / "data"))
+            if args.design == "postgres":
+                con = SharedLedger.prepare(threads=2)
+                con.execute(f"ATTACH '{conf['url']}' AS spend (TYPE postgres, READ_ONLY)")
+                con.execute("USE spend")
+                files = None
+            else:
+                con = connect_readonly(ledger)
+                files = con.execute(
+                    "SELECT count(*) FROM ducklake_list_files('spend', 'spend_log')"
+                ).fetchone()[0]
             stored, distinct = con.execute(
                 "SELECT count(*), count(DISTINCT request_id) FROM spend_log"
             ).fetchone()
-            files = con.execute(
-                "SELECT count(*) FROM ducklake_list_files('spend', 'spend_log')"
-            ).fetchone()[0]
+            daily = schema.VIEWS["spend_daily"]
+            t = time.perf_counter()
+            for _ in range(3):
+                con.execute(f"SELECT count(*) FROM ({daily})").fetchall()
+            read_ms = (time.perf_counter() - t) / 3 * 1000
             con.close()
         elapsed = max(r["elapsed"] for r in results)
         report = {
@@ -192,7 +262,9 @@ def main() -> int:
             "doubled": stored - distinct,
         }
         if not args.local:
-            report["parquet_files"] = files
+            report |= {"design": args.design, "spend_daily_ms": round(read_ms)}
+            if files is not None:
+                report["parquet_files"] = files
         print(
             json.dumps(report) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items())
         )

@@ -281,3 +281,26 @@ def test_postgresql_connections_cut_mid_run_lose_and_double_nothing(pg_url: str,
     got = read(pg_url, tmp_path, "SELECT count(*), count(DISTINCT request_id) FROM spend_log")
     assert got == [(300, 300)]
     assert log.summary()["db"] == 300
+
+
+def test_doctor_checks_the_shared_ledger(pg_url: str, tmp_path: Path):
+    from mitmroute.cli.doctor import check_ledger
+
+    config = tmp_path / "config.yaml"
+    general = {
+        "database_url": pg_url,
+        "spend_data_path": str(tmp_path / "data"),
+        "spend_db": str(tmp_path / "spend.duckdb"),
+    }
+    config.write_text(yaml.safe_dump({"general_settings": general}))
+    loaded = load_config(config)
+    before = check_ledger(loaded)
+    assert before.status == "ok" and "no spend ledger" in before.detail
+    ledger = lake.from_settings(loaded.general)
+    assert ledger is not None
+    log = LakeSpendLog(ledger, tmp_path / "spend.duckdb", flush_interval=0.05).start()
+    log.record(make(1))
+    assert log.close()
+    after = check_ledger(loaded)
+    assert after.status == "ok" and "(shared): 1 rows" in after.detail, after
+    assert "postgresql://postgres@127.0.0.1" in after.detail
