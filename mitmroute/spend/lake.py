@@ -13,11 +13,13 @@ What it is
         SELECT * FROM spend.spend_daily_team;
 
 Small batches
-    A batch of up to ``inline_rows`` rows (default 1000: every batch the writer makes) is
-    stored in the catalog itself (DuckLake's data inlining: a few PostgreSQL rows, no Parquet
-    file); every ``maintenance_interval`` (5 min, jittered) one proxy moves the inlined rows
-    into one Parquet file (``ducklake_flush_inlined_data``). ``mitmroute spend --compact``
-    merges those files and drops old snapshots; ``--expire AGE`` deletes older rows first.
+    A batch of up to ``inline_rows`` rows (default 100: each flush of a proxy serving fewer than
+    ~110 requests/s) is stored in the catalog itself (DuckLake's data inlining: PostgreSQL rows,
+    no Parquet file); a larger one (up to ``batch_size``, 5000) is one Parquet file. Every
+    ``maintenance_interval`` (5 min, jittered) each proxy moves the inlined rows into one Parquet
+    file and merges small files (``MAINTENANCE``; concurrent runs conflict and one wins).
+    ``mitmroute spend --compact`` also expires old snapshots and deletes the files nothing needs;
+    ``--expire AGE`` deletes older rows first.
 
 Exactly once, with many writers
     Each row is written by the one proxy that served it, in one transaction with its
@@ -30,8 +32,9 @@ Exactly once, with many writers
 What a crash costs
     A commit is one PostgreSQL transaction (the Parquet file, if any, is written before it):
     a SIGKILL loses the rows recorded in the last ``flush_interval`` plus the flush under way,
-    as with the file, and never half a batch. PostgreSQL unreachable: rows go to the spill
-    file and are replayed once it answers.
+    as with the file, and never half a batch; the writer connects at start, so only a proxy
+    killed in its first second (loading the extensions, attaching) loses more: the rows of that
+    second. PostgreSQL unreachable: rows go to the spill file and are replayed once it answers.
 """
 
 from __future__ import annotations
@@ -343,7 +346,8 @@ class SharedSpillFiles(SpillFiles):
     def release(self) -> None:
         """Let go of every lock (the writer is closed): what is left is adopted next time."""
         with self.lock:
-            for fd in [*self._locks.values(), *([self._live_fd] if self._live_fd else [])]:
+            live = [] if self._live_fd is None else [self._live_fd]
+            for fd in [*self._locks.values(), *live]:
                 os.close(fd)
             self._locks.clear()
             self._live_fd = None
