@@ -84,8 +84,10 @@ def connect_shared(ledger: lake.SharedLedger, read_only: bool = True) -> Any:
     from mitmroute.spend import extensions
 
     try:
+        con = lake.connect_readonly(ledger)  # LedgerConfigError if there is none yet
         if read_only:
-            return lake.connect_readonly(ledger)
+            return con
+        con.close()  # to write (retention): never create one
         return ledger.connect(threads=2)
     except (lake.LedgerConfigError, extensions.ExtensionError) as e:
         raise CliError(str(e)) from None

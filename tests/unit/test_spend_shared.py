@@ -212,6 +212,8 @@ def test_spend_config_reads_the_shared_ledger_views_export_and_retention(
     config.write_text(yaml.safe_dump({"model_list": [], "general_settings": general}))
     empty = spend_cli(config, "--since", "all")
     assert empty.returncode == 1 and "no spend ledger in postgresql://" in empty.stderr
+    compact = spend_cli(config, "--compact")  # retention never creates one
+    assert compact.returncode == 1 and "no spend ledger" in compact.stderr
     ledger = lake.from_settings(load_config(config).general)
     assert ledger is not None
     log = LakeSpendLog(ledger, tmp_path / "spend.duckdb", flush_interval=0.05).start()
