@@ -107,6 +107,7 @@ KNOWN_GENERAL_SETTINGS = {
     "spend_db",
     "spend_buffer_rows",
     "spend_on_buffer_full",
+    "spend_data_path",
     "max_request_size_mb",
     "passthrough_paths",
     "passthrough_unknown_models",
@@ -284,6 +285,11 @@ class GeneralSettings:
     spend_alerts: tuple[dict[str, Any], ...] = ()
     price_file: str | None = None
     database_url: str | None = None
+    """postgresql://...: the spend log is the shared ledger (mitmroute.spend.lake), its
+    catalog in that database, instead of the file spend_db."""
+    spend_data_path: str | None = None
+    """With database_url: the directory of the shared ledger's Parquet files, one every proxy
+    can reach (default: spend-data beside spend_db, enough for the proxies of one host)."""
     max_request_size_mb: float = DEFAULT_MAX_REQUEST_SIZE_MB
     """Largest request body accepted on an intercepted host, after decompression."""
     passthrough_paths: tuple[str, ...] = DEFAULT_PASSTHROUGH_PATHS
@@ -605,6 +611,28 @@ def _router_settings(raw: Any, groups: set[str], environ: dict[str, str]) -> Rou
     )
 
 
+def _database_url(value: Any, path: str) -> str | None:
+    """A PostgreSQL URL (the shared spend ledger), or None; an empty value is None."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or urlparse(value).scheme not in ("postgresql", "postgres"):
+        shown = value.split("@")[-1] if isinstance(value, str) else type(value).__name__
+        raise ConfigError(
+            f"{path}: expected postgresql://user[:password]@host[:port]/dbname, got ...{shown!r}"
+        )
+    if not urlparse(value).path.strip("/"):
+        raise ConfigError(f"{path}: the URL names no database (postgresql://host/DBNAME)")
+    return value
+
+
+def _optional_str(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: expected a non-empty string")
+    return value
+
+
 def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
     path = "general_settings"
     g = {k: _resolve_env(v, f"{path}.{k}", environ) for k, v in _mapping(raw, path).items()}
@@ -649,7 +677,8 @@ def _general_settings(raw: Any, environ: dict[str, str]) -> GeneralSettings:
         alerting_webhook_url=_url(webhook, f"{path}.alerting_webhook_url") if webhook else None,
         spend_alerts=tuple(alerts),
         price_file=g.get("price_file"),
-        database_url=g.get("database_url"),
+        database_url=_database_url(g.get("database_url"), f"{path}.database_url"),
+        spend_data_path=_optional_str(g.get("spend_data_path"), f"{path}.spend_data_path"),
         max_request_size_mb=_max_request_size(g.get("max_request_size_mb"), path),
         passthrough_paths=tuple(_passthrough_paths(g.get("passthrough_paths"), path)),
         allow_requests_on_db_unavailable=_bool(

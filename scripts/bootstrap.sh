@@ -17,3 +17,5 @@ py=$(find_python)
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q -e '.[dev]'
+# the shared ledger's DuckDB extensions, copied where DuckDB loads them offline
+"$venv/bin/python" -m mitmroute.spend.extensions

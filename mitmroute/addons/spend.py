@@ -1,4 +1,6 @@
-"""Appends every exchange, with tokens and cost, to the DuckDB spend log (`spend_db`).
+"""Appends every exchange, with tokens and cost, to the DuckDB spend log (`spend_db`), or to
+the ledger shared by every proxy when `database_url` names a PostgreSQL database
+(mitmroute.spend.lake; `spend_db` then only places the spill files).
 
 Rows are written by a background thread, so the event loop never waits on DuckDB; `done`
 (SIGINT, SIGTERM) flushes everything before mitmdump exits and says where every row went. A
@@ -23,7 +25,7 @@ from mitmroute.addons.shared import Shared
 from mitmroute.config import RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
-from mitmroute.spend import SpendDbError, check_writable
+from mitmroute.spend import SpendDbError, check_writable, extensions, lake
 from mitmroute.spend import SpendLog as SpendWriter
 
 log = logging.getLogger("mitmroute")
@@ -45,6 +47,8 @@ class SpendLog:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
         self.writer: SpendWriter | None = None
+        self.target: tuple[str, lake.SharedLedger | None] | None = None
+        """What the writer writes: spend_db, and the shared ledger if any."""
         self.is_running = False
         shared.config_listeners.append(self.config_changed)
         shared.listeners.append(self.record)
@@ -55,27 +59,43 @@ class SpendLog:
     def config_changed(self, config: RouterConfig) -> None:
         general = config.general
         path = str(Path(general.spend_db).expanduser())
-        if self.writer is not None and str(self.writer.path) == path:
-            self.writer.max_buffer = general.spend_buffer_rows
-            self.writer.on_full = general.spend_on_buffer_full
-            return
         try:
-            check_writable(path)
-        except SpendDbError as e:
+            shared = lake.from_settings(general)
+            target = (path, shared)
+            if self.writer is not None and self.target == target:
+                self.writer.max_buffer = general.spend_buffer_rows
+                self.writer.on_full = general.spend_on_buffer_full
+                return
+            check_writable(path)  # the file, or the shared ledger's spill files
+            if shared is not None:
+                if "://" not in shared.data_path:
+                    check_writable(Path(shared.data_path) / ".probe")
+                extensions.install()
+        except (SpendDbError, lake.LedgerConfigError, extensions.ExtensionError, OSError) as e:
             if not self.is_running:  # a proxy that cannot bill would lose every row: don't start
                 print(f"mitmroute: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
             raise exceptions.OptionsError(f"mitmroute: {e}") from None
         if self.writer is not None:
             self._close()
-        self.writer = SpendWriter(
-            path,
+        options = dict(
             max_buffer=general.spend_buffer_rows,
             on_full=general.spend_on_buffer_full,
             on_drop=self.shared.publish_spend_dropped,
         )
+        if shared is None:
+            self.writer = SpendWriter(path, **options)
+            log.info("mitmroute: spend log at %s", path)
+        else:
+            self.writer = lake.LakeSpendLog(shared, path, **options)
+            log.info(
+                "mitmroute: spend log shared in %s (data in %s; spill files beside %s)",
+                shared.label,
+                shared.data_path,
+                path,
+            )
+        self.target = target
         self.writer.start()
-        log.info("mitmroute: spend log at %s", path)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flows.GATE_KEY not in flow.metadata:

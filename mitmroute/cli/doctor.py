@@ -28,6 +28,7 @@ from mitmroute.cli.probe import FAIL, OK, WARN, Probe, Prober
 from mitmroute.cli.spend import connect_readonly, duckdb_error
 from mitmroute.cli.table import render
 from mitmroute.config import ConfigError, RouterConfig, load_config
+from mitmroute.spend import lake
 
 SKIPPED = "-"
 
@@ -119,9 +120,37 @@ async def check_redis(config: RouterConfig) -> Check:
     )
 
 
+def check_shared_ledger(config: RouterConfig) -> Check:
+    """database_url: the shared ledger readable, its rows, spill files waiting on this host."""
+    from mitmroute.cli.spend import connect_shared
+
+    try:
+        ledger = lake.from_settings(config.general)
+        assert ledger is not None
+        con = connect_shared(ledger)
+    except (lake.LedgerConfigError, CliError) as e:
+        if "yet" in str(e):  # no ledger yet: the first proxy creates it
+            return Check("ledger", OK, str(e))
+        return Check("ledger", FAIL, str(e))
+    try:
+        rows, last = con.execute("SELECT count(*), max(started_at) FROM spend_log").fetchone()
+    except Exception as e:  # duckdb.Error
+        return Check("ledger", FAIL, f"{ledger.label}: unreadable: {duckdb_error(e)}")
+    finally:
+        con.close()
+    db = config.general.spend_db
+    spills = sorted(Path(db).parent.glob(f"{Path(db).name}.spill*.jsonl"))
+    waiting = f"; {len(spills)} spill file(s) on this host wait: {spills[0]}" if spills else ""
+    when = f", last {last:%Y-%m-%d %H:%M:%S %Z}" if last else ""
+    status = WARN if waiting else OK
+    return Check("ledger", status, f"{ledger.label} (shared): {rows} rows{when}{waiting}")
+
+
 def check_ledger(config: RouterConfig) -> Check:
     from mitmroute.spend.writer import SpendDbError, check_writable
 
+    if config.general.database_url:
+        return check_shared_ledger(config)
     db = config.general.spend_db
     if db == ":memory:":
         return Check("ledger", SKIPPED, "spend_db is :memory: (nothing kept)")

@@ -1,13 +1,21 @@
 """`mitmroute spend`: the spend log as a table (requests, tokens, cost, cache savings) grouped as
-you like, any read-only SQL, or a Parquet export.
+you like, any read-only SQL, or a Parquet export; and its retention.
 
     mitmroute spend [--config C] [--since 24h] [--by team,model]
                     [--export out.parquet] [--export-rows rows.parquet] [--sql QUERY]
+    mitmroute spend [--config C] --expire 180d      delete rows started before then, compact
+    mitmroute spend [--config C] --compact          compact only
 
-The database is general_settings.spend_db of the config (or --db). It is opened read-only, so
-this works while the proxy runs (the proxy holds the file only for the few ms of each flush; a
-busy file is retried for --wait seconds). Holding it open longer makes the proxy spill rows to
-<db>.spill.jsonl until you are done; they are replayed.
+The ledger is the one the config names: the shared one when general_settings.database_url is
+set (a DuckLake on that PostgreSQL database, as every proxy of that config writes it), else the
+DuckDB file general_settings.spend_db (or --db). The file is opened read-only, so this works
+while the proxy runs (the proxy holds the file only for the few ms of each flush; a busy file
+is retried for --wait seconds). Holding it open longer makes the proxy spill rows to
+<db>.spill.jsonl until you are done; they are replayed. The shared ledger has no such limit.
+
+--compact (safe while proxies write): in the shared ledger, inlined rows go to Parquet, small
+files are merged, snapshots older than a day are expired and the files nothing needs deleted;
+in a file, a CHECKPOINT (freed blocks are reused; the file does not shrink).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from mitmroute.cli.errors import CliError
 from mitmroute.cli.table import render
 from mitmroute.config import ConfigError, load_config, parse_duration
 from mitmroute.money import whatif
+from mitmroute.spend import lake
 
 GROUPS = {
     "team": "team",
@@ -53,7 +62,7 @@ def duckdb_error(e: Exception) -> str:
     return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
 
 
-def connect_readonly(db: str, wait: float) -> Any:
+def connect_readonly(db: str, wait: float, read_only: bool = True) -> Any:
     """Open `db` read-only, retrying while the proxy holds it for a flush."""
     import duckdb
 
@@ -62,11 +71,44 @@ def connect_readonly(db: str, wait: float) -> Any:
     deadline = time.monotonic() + wait
     while True:
         try:
-            return duckdb.connect(db, read_only=True)
+            return duckdb.connect(db, read_only=read_only)
         except duckdb.Error as e:
             if "lock" not in str(e).lower() or time.monotonic() >= deadline:
                 raise CliError(f"cannot open {db}: {duckdb_error(e)}") from None
             time.sleep(0.05)
+
+
+def connect_shared(ledger: lake.SharedLedger, read_only: bool = True) -> Any:
+    """The shared ledger, attached as the default catalog (`spend`)."""
+    import duckdb
+
+    from mitmroute.spend import extensions
+
+    try:
+        con = lake.connect_readonly(ledger)  # LedgerConfigError if there is none yet
+        if read_only:
+            return con
+        con.close()  # to write (retention): never create one
+        return ledger.connect(threads=2)
+    except (lake.LedgerConfigError, extensions.ExtensionError) as e:
+        raise CliError(str(e)) from None
+    except duckdb.Error as e:
+        raise CliError(f"cannot open the shared ledger {ledger.label}: {duckdb_error(e)}") from None
+
+
+def open_ledger(args: argparse.Namespace, read_only: bool = True) -> tuple[Any, str, bool]:
+    """The ledger the config names (or --db): (connection, its name, shared?)."""
+    if args.db:
+        return connect_readonly(args.db, args.wait, read_only), args.db, False
+    _, config = configs.load(args.config, "spend")
+    try:
+        shared = lake.from_settings(config.general)
+    except lake.LedgerConfigError as e:
+        raise CliError(str(e), 2) from None
+    if shared is not None:
+        return connect_shared(shared, read_only), shared.label, True
+    db = config.general.spend_db
+    return connect_readonly(db, args.wait, read_only), db, False
 
 
 def summary_sql(by: list[str], since_seconds: float | None) -> str:
@@ -158,13 +200,16 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="re-price the window's requests under another config.yaml (its groups, tiers and "
         "prices), from the ledger's token counts, calling no backend; --by model_group,team,day",
     )
-
-
-def spend_db(args: argparse.Namespace) -> str:
-    if args.db:
-        return args.db
-    _, config = configs.load(args.config, "spend")
-    return config.general.spend_db
+    p.add_argument(
+        "--expire",
+        metavar="AGE",
+        help="delete the rows started more than AGE ago (like 180d), then --compact",
+    )
+    p.add_argument(
+        "--compact",
+        action="store_true",
+        help="compact the ledger (shared: merge files, expire old snapshots; file: checkpoint)",
+    )
 
 
 def what_if(con: Any, path: str, by: list[str], since: float | None, db: str, label: str) -> int:
@@ -219,8 +264,9 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as e:
             raise CliError(str(e), 2) from None
 
-    db = spend_db(args)
-    con = connect_readonly(db, args.wait)
+    if args.expire or args.compact:
+        return retention(args)
+    con, db, _ = open_ledger(args)
     try:
         if args.sql:
             headers, rows = query(con, args.sql)
@@ -248,6 +294,40 @@ def run(args: argparse.Namespace) -> int:
         if args.export_rows:
             copy_to(con, rows_sql(since), args.export_rows)
             print(f"wrote {args.export_rows}")
+    finally:
+        con.close()
+    return 0
+
+
+def retention(args: argparse.Namespace) -> int:
+    """--expire AGE and --compact: delete old rows, then compact (safe while proxies write)."""
+    import duckdb
+
+    age: float | None = None
+    if args.expire:
+        try:
+            age = parse_duration(args.expire, "--expire")
+        except ConfigError as e:
+            raise CliError(str(e), 2) from None
+    con, db, shared = open_ledger(args, read_only=False)
+    try:
+        if age is not None:
+            cutoff = f"now() - to_seconds({float(age)!r})"
+            con.execute("BEGIN")
+            rows = con.execute(f"DELETE FROM spend_log WHERE started_at < {cutoff}").fetchall()
+            con.execute(f"DELETE FROM spend_attempts WHERE started_at < {cutoff}")
+            con.execute("COMMIT")
+            print(
+                f"{db}: deleted {rows[0][0] if rows else 0} rows started before {args.expire} ago"
+            )
+        if shared:
+            done = lake.compact(con)
+            print(f"{db}: compacted ({', '.join(f'{k}: {v}' for k, v in done.items())})")
+        else:
+            con.execute("CHECKPOINT")
+            print(f"{db}: checkpointed (freed blocks are reused; the file does not shrink)")
+    except duckdb.Error as e:
+        raise CliError(f"{db}: {duckdb_error(e)}") from None
     finally:
         con.close()
     return 0

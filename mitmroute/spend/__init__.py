@@ -5,6 +5,9 @@ the event loop.
   :func:`check_writable` before starting one.
 - :func:`estimate_prompt_tokens` / :func:`estimate_text_tokens` (tokens.py): usage when the
   backend reports none.
+- :class:`~mitmroute.spend.lake.LakeSpendLog` (lake.py): the same writer for the ledger shared
+  by many proxies (``database_url``: a DuckLake on PostgreSQL); extensions.py loads its DuckDB
+  extensions offline.
 - schema.py: the tables and the views (``spend_daily``, ``spend_last_hour``, ``cache_savings``,
   ``fallback_rate``, ``deployment_latency``, ``routing_savings``, ...); older files gain newer
   columns by ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``.
