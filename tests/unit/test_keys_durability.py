@@ -189,6 +189,20 @@ async def test_a_busy_pool_is_not_mistaken_for_a_dead_redis(link):
     assert all(results) and link.up
 
 
+async def test_a_stalled_event_loop_is_not_mistaken_for_a_dead_redis(link, own_redis):
+    """On a machine under load both the proxy's loop and Redis run late: the PING that decides
+    "down" gets the time the loop lost. (Redis answers at 250 ms; the loop, stalled until
+    200 ms, would otherwise give up at once for its 40 ms budget being long spent.)"""
+    assert await link.call(link.client.ping)
+    own_redis.pause()
+    threading.Timer(0.25, own_redis.resume).start()
+    asyncio.get_running_loop().call_later(0.001, time.sleep, 0.2)  # the loop stalls
+    try:
+        assert await link._alive()
+    finally:
+        own_redis.resume()
+
+
 async def test_redis_that_lost_its_data_gets_the_epoch_and_the_state_back(link, own_redis):
     pushed = []
 
