@@ -6,9 +6,13 @@ socket timeouts as a backstop, a pool, and no redis-py retry loop with backoff.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -115,3 +119,106 @@ class Breaker:
 
     def close(self) -> None:
         self.is_open, self.failures = False, 0
+
+
+T = TypeVar("T")
+
+
+class GuardedCalls:
+    """Calls to a Redis that must never fail a request (the response cache, the shared routing
+    state): each bounded by `timeout`; after `threshold` failures in a row the breaker opens,
+    one warning is logged, calls return their fallback at once, and a probe PINGs every
+    `probe_interval` s (within `probe_timeout`) until Redis answers and the breaker closes."""
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        label: str,
+        timeout: float,
+        probe_interval: float,
+        probe_timeout: float,
+        threshold: int,
+        log: logging.Logger,
+        what: str,
+        while_down: str,
+        when_back: str,
+    ) -> None:
+        self.client = client
+        self.label = label
+        self.timeout = timeout
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.breaker = Breaker(threshold)
+        self.errors = 0
+        """Calls that failed."""
+        self.bypassed = 0
+        """Calls not made because the breaker was open."""
+        self._log, self._what = log, what
+        self._while_down, self._when_back = while_down, when_back
+        self._probe: asyncio.Task[None] | None = None
+
+    async def call(self, op: Callable[[], Awaitable[T]], fallback: T) -> T:
+        if self.breaker.is_open:
+            self.bypassed += 1
+            return fallback
+        try:
+            result = await asyncio.wait_for(op(), self.timeout)
+        except Exception as exc:
+            self.failed(exc)
+            return fallback
+        self.breaker.success()
+        return result
+
+    async def warm(self) -> None:
+        """Open one connection (within `probe_timeout`); an unreachable Redis opens the
+        breaker at once."""
+        try:
+            await asyncio.wait_for(self.client.ping(), self.probe_timeout)
+        except Exception as exc:
+            self.breaker.failures = self.breaker.threshold - 1
+            self.failed(exc)
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if not self.breaker.failure():
+            self._log.debug("%s: redis call failed (%s)", self._what, reason)
+            return
+        self._log.warning(
+            "%s: redis unavailable at %s (%s); %s, probing every %g s",
+            self._what,
+            self.label,
+            reason,
+            self._while_down,
+            self.probe_interval,
+        )
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            try:
+                await asyncio.wait_for(self.client.ping(), self.probe_timeout)
+            except Exception as exc:
+                self._log.debug("%s: redis probe failed (%s)", self._what, type(exc).__name__)
+                continue
+            down_for = time.monotonic() - self.breaker.opened_at
+            self.breaker.close()
+            self._log.warning(
+                "%s: redis back at %s after %.1f s; %s",
+                self._what,
+                self.label,
+                down_for,
+                self._when_back,
+            )
+            return
+
+    async def close(self) -> None:
+        """Stop the probe (the client is its owner's to close)."""
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._probe
+            self._probe = None

@@ -10,23 +10,18 @@ breaker and logs "redis back" once. A flushed Redis is simply a cold cache.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from mitmroute.config import CacheSettings
-from mitmroute.redis_client import Breaker, connect, label
+from mitmroute.redis_client import Breaker, GuardedCalls, connect, label
 
 __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_TTL", "Breaker", "RedisStore"]
 
 log = logging.getLogger("mitmroute.cache")
-
-T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 0.05
 DEFAULT_TTL = 24 * 3600.0
@@ -51,14 +46,20 @@ class RedisStore:
     ) -> None:
         self.client = client
         self.label = label
-        self.timeout = timeout
-        self.probe_interval = probe_interval
-        self.probe_timeout = probe_timeout
         self.default_ttl = default_ttl
-        self.breaker = Breaker(threshold)
-        self.errors = 0
-        self.bypassed = 0
-        self._probe: asyncio.Task[None] | None = None
+        self.guard = GuardedCalls(
+            client,
+            label=label,
+            timeout=timeout,
+            probe_interval=probe_interval,
+            probe_timeout=probe_timeout,
+            threshold=threshold,
+            log=log,
+            what="cache",
+            while_down="bypassing the cache",
+            when_back="caching again",
+        )
+        self.breaker = self.guard.breaker
 
     @classmethod
     def from_settings(cls, settings: CacheSettings, **kwargs: Any) -> RedisStore:
@@ -79,66 +80,20 @@ class RedisStore:
 
     async def start(self) -> None:
         """Warm one connection (generous budget); an unreachable Redis only opens the breaker."""
-        try:
-            await asyncio.wait_for(self.client.ping(), self.probe_timeout)
-        except Exception as exc:
-            self.breaker.failures = self.breaker.threshold - 1
-            self._failed(exc)
+        await self.guard.warm()
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._probe
-            self._probe = None
+        await self.guard.close()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call(lambda: self.client.get(key), None)
+        return await self.guard.call(lambda: self.client.get(key), None)
 
     async def put(self, key: str, value: bytes, ttl: float | None) -> bool:
         px = max(1, int((ttl if ttl is not None else self.default_ttl) * 1000))
-        return bool(await self._call(lambda: self.client.set(key, value, px=px), False))
+        return bool(await self.guard.call(lambda: self.client.set(key, value, px=px), False))
 
     async def delete(self, *keys: str) -> int:
         """Remove keys (tests and admin); 0 when Redis is unavailable."""
-        return int(await self._call(lambda: self.client.delete(*keys), 0) or 0)
-
-    async def _call(self, op: Callable[[], Awaitable[T]], fallback: T) -> T:
-        if self.breaker.is_open:
-            self.bypassed += 1
-            return fallback
-        try:
-            result = await asyncio.wait_for(op(), self.timeout)
-        except Exception as exc:
-            self._failed(exc)
-            return fallback
-        self.breaker.success()
-        return result
-
-    def _failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if not self.breaker.failure():
-            log.debug("cache: redis call failed (%s)", reason)
-            return
-        log.warning(
-            "cache: redis unavailable at %s (%s); bypassing the cache, probing every %g s",
-            self.label, reason, self.probe_interval,
-        )  # fmt: skip
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
-
-    async def _probe_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval)
-            try:
-                await asyncio.wait_for(self.client.ping(), self.probe_timeout)
-            except Exception as exc:
-                log.debug("cache: redis probe failed (%s)", type(exc).__name__)
-                continue
-            down_for = time.monotonic() - self.breaker.opened_at
-            self.breaker.close()
-            log.warning("cache: redis back at %s after %.1f s; caching again", self.label, down_for)
-            return
+        return int(await self.guard.call(lambda: self.client.delete(*keys), 0) or 0)

@@ -21,13 +21,11 @@ import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-from mitmroute.redis_client import Breaker, RedisTarget, connect
+from mitmroute.redis_client import GuardedCalls, RedisTarget, connect
 
 log = logging.getLogger("mitmroute.routing")
-
-T = TypeVar("T")
 
 USAGE_TTL = 120
 """Seconds a minute's usage hash outlives its minute's start."""
@@ -47,11 +45,20 @@ class SharedState:
         self.client = client
         self.prefix = f"{namespace}:routing"
         self.label = label
-        self.timeout = timeout
-        self.probe_interval = probe_interval
-        self.breaker = Breaker(threshold)
+        self.guard = GuardedCalls(
+            client,
+            label=label,
+            timeout=timeout,
+            probe_interval=probe_interval,
+            probe_timeout=1.0,
+            threshold=threshold,
+            log=log,
+            what="routing",
+            while_down="routing on this proxy's own counts",
+            when_back="sharing routing state again",
+        )
+        self.breaker = self.guard.breaker
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._probe: asyncio.Task[None] | None = None
 
     @classmethod
     def connect(cls, target: RedisTarget, namespace: str, **kwargs: Any) -> SharedState:
@@ -66,11 +73,7 @@ class SharedState:
 
     async def start(self) -> None:
         """Warm one connection; an unreachable Redis opens the breaker at once."""
-        try:
-            await asyncio.wait_for(self.client.ping(), 1.0)
-        except Exception as exc:
-            self.breaker.failures = self.breaker.threshold - 1
-            self._failed(exc)
+        await self.guard.warm()
 
     async def drain(self) -> None:
         """Wait for the writes under way."""
@@ -78,12 +81,12 @@ class SharedState:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._probe] if self._probe else [])]:
+        for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        self._probe = None
+        await self.guard.close()
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
@@ -112,7 +115,7 @@ class SharedState:
                 pipe.lrange(self._latency_key(kind, deployment_id), 0, size - 1)
             return await pipe.execute()
 
-        replies = await self._call(op)
+        replies = await self.guard.call(op, None)
         if replies is None:
             return None
         try:
@@ -177,44 +180,6 @@ class SharedState:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a synchronous caller): nothing to share with
-        task = loop.create_task(self._call(op))
+        task = loop.create_task(self.guard.call(op, None))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _call(self, op: Callable[[], Awaitable[T]]) -> T | None:
-        if self.breaker.is_open:
-            return None
-        try:
-            result = await asyncio.wait_for(op(), self.timeout)
-        except Exception as exc:
-            self._failed(exc)
-            return None
-        self.breaker.success()
-        return result
-
-    def _failed(self, exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if not self.breaker.failure():
-            log.debug("routing: redis call failed (%s)", reason)
-            return
-        log.warning(
-            "routing: redis unavailable at %s (%s); routing on this proxy's own counts, "
-            "probing every %g s",
-            self.label,
-            reason,
-            self.probe_interval,
-        )
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_until_back())
-
-    async def _probe_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval)
-            try:
-                await asyncio.wait_for(self.client.ping(), 1.0)
-            except Exception as exc:
-                log.debug("routing: redis probe failed (%s)", type(exc).__name__)
-                continue
-            self.breaker.close()
-            log.warning("routing: redis back at %s; sharing routing state again", self.label)
-            return
