@@ -184,3 +184,18 @@ def start_proxy(confdir: Path, tmp_path: Path) -> Iterator[Callable[..., Proxy]]
 def deployment(name: str, model: str, api_base: str, **params: Any) -> dict[str, Any]:
     """A model_list entry."""
     return {"model_name": name, "litellm_params": {"model": model, "api_base": api_base, **params}}
+
+
+# a function tool in chat completions' shape, as the SDK tests send it
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}

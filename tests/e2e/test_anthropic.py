@@ -7,21 +7,8 @@ import json
 import openai
 import pytest
 
-from tests.conftest import deployment
+from tests.conftest import WEATHER_TOOL, deployment
 from tests.fakes.anthropic_server import FakeAnthropic
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")

@@ -20,26 +20,13 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from tests.conftest import Proxy, deployment
+from tests.conftest import WEATHER_TOOL, Proxy, deployment
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.openai_spec_server import FakeSpecBackend
 from tests.spec.openai import validate_openai, validate_openai_all
 from tests.spec.sse import openai_chunks
 
 API = "https://api.openai.com"
-
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather for a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 @pytest.fixture(scope="module")
