@@ -112,7 +112,7 @@ class _RedisTiers(RedisStore):
 
     async def raise_to(self, key: str, tier: int, ttl: float, fresh: bool) -> int | None:
         px = max(1, int(ttl * 1000))
-        value = await self._call(
+        value = await self.guard.call(
             lambda: self._script(keys=[key], args=[tier, px, "1" if fresh else "0"]), None
         )
         return int(value) if value is not None else None
