@@ -163,7 +163,7 @@ def writer_main(n: int, args: dict, out: mp.Queue) -> None:
     )
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -183,8 +183,18 @@ def main() -> int:
     p.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
     p.add_argument("--keep", action="store_true", help="keep the database and data files")
     p.add_argument("--json", action="store_true")
-    args = p.parse_args()
+    return p
 
+
+def main() -> int:
+    args = parser().parse_args()
+    report = measure(args)
+    print(json.dumps(report) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items()))
+    return 0 if report["lost"] == 0 and report["doubled"] == 0 else 1
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """One run (`args` as `parser()` makes them): the report's figures."""
     tmp = Path(tempfile.mkdtemp(prefix="mitmroute-bench-ledger-"))
     dbname = f"mitmroute_bench_{uuid.uuid4().hex[:8]}"
     if not args.local:
@@ -265,10 +275,7 @@ def main() -> int:
             report |= {"design": args.design, "spend_daily_ms": round(read_ms)}
             if files is not None:
                 report["parquet_files"] = files
-        print(
-            json.dumps(report) if args.json else "\n".join(f"{k}: {v}" for k, v in report.items())
-        )
-        return 0 if report["lost"] == 0 and report["doubled"] == 0 else 1
+        return report
     finally:
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,3 +19,13 @@ py=$(find_python)
 "$venv/bin/python" -m pip install -q -e '.[dev]'
 # the shared ledger's DuckDB extensions, copied where DuckDB loads them offline
 "$venv/bin/python" -m mitmroute.spend.extensions
+# the fleet tests (tests/scaleout) run proxies behind HAProxy, from Debian's package
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing HAProxy (apt-get install -y haproxy) for tests/scaleout" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+  else
+    echo "HAProxy is missing: tests/scaleout needs it. Install it as root:" \
+      "apt-get install -y haproxy (or your system's haproxy package, 2.x)" >&2
+  fi
+fi

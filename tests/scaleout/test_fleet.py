@@ -20,9 +20,13 @@ from tests.fleet import Fleet
 
 FLUSH_INTERVAL: float = inspect.signature(SpendLog).parameters["flush_interval"].default
 """The writer's flush interval: what the README says a SIGKILL can cost (plus one flush)."""
-FLUSH_TIME = 0.5
-"""What one flush to the shared ledger may take on a busy 2-core machine (tens of ms on a quiet
-one): a row recorded just after a flush began waits for the next."""
+FLUSH_TIME = 1.0
+"""What one flush to the shared ledger may take on a 2-core machine shared with other work
+(tens of ms when quiet; 0.3-0.6 s measured at a load average of 18): a row recorded just after
+a flush began waits for the next one."""
+JITTER = 0.5
+"""How far apart the proxy's order of recording and the clients' order of receiving answers
+may be on such a machine."""
 
 
 @dataclass
@@ -164,7 +168,7 @@ def test_a_proxy_killed_under_load_costs_only_its_last_flush_and_the_others_carr
     assert set(lost) <= killed, {u: by[u] for u in lost}
     assert window <= FLUSH_INTERVAL + 2 * FLUSH_TIME, sorted(killed_at - at for at in lost.values())
     kept = [answered[u].at for u in killed if u in stored]
-    assert max(kept) <= min(lost.values(), default=max(kept)) + 0.2
+    assert max(kept) <= min(lost.values(), default=max(kept)) + JITTER
 
     # HAProxy took it out within ~2 health checks; meanwhile the other two answered everything
     assert taken_out < 3
