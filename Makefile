@@ -7,7 +7,7 @@ $(STAMP): pyproject.toml
 	scripts/bootstrap.sh $(VENV)
 	@touch $(STAMP)
 
-.PHONY: run test lint bench local-model local-model-stop test-local-model
+.PHONY: run test lint bench bench-scaleout local-model local-model-stop test-local-model
 run: $(STAMP)  ## run the proxy on :8080 with config.example.yaml
 	$(VENV)/bin/mitmdump -s addons/router.py --set router_config=$${CONFIG:-config.example.yaml} $(ARGS)
 
@@ -19,6 +19,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-scaleout: $(STAMP)  ## req/s of 1..3 proxies behind HAProxy, the shared ledger's rows/s
+	$(PY) scripts/bench_scaleout.py $(ARGS)
 
 # A free local model for dev (llama.cpp's OpenAI-compatible server with Gemma 3 270M), in a venv
 # of its own under .local-model/; the example config's `local-gemma` group routes to it.

@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = run_fleet(args, tmp, f"{pg.SERVER}/{dbname}")
     finally:
         pg.psql(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        shutil.rmtree(tmp, ignore_errors=True)
     report["ledger"] = run_ledger(args)
     report["meta"] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
