@@ -35,7 +35,13 @@ from mitmroute.errors import ProxyError
 from mitmroute.request import hash_key
 
 T = TypeVar("T")
-__all__ = ["KeyRecord", "KeyStore", "KeysDB", "MemoryKeyStore", "RedisKeyStore", "hash_key"]
+__all__ = ["KeyRecord", "KeyStore", "KeyStoreUnavailable", "KeysDB", "MemoryKeyStore",
+           "RedisKeyStore", "hash_key"]  # fmt: skip
+
+
+class KeyStoreUnavailable(Exception):
+    """The store of record (PostgreSQL) cannot answer now: keyed requests get 503."""
+
 
 KEY_PREFIX = "sk-"
 ALL_MODELS = frozenset({"*", "all-proxy-models"})
