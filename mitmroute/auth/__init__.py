@@ -180,8 +180,11 @@ def open_shared_backend(config: RouterConfig) -> AuthBackend:
     backend.set_policy(config.general)
 
     async def resync() -> None:
-        records = await store.push_all()  # from PostgreSQL, never from this proxy's memory
-        await limiter.sync([Policy.of(r, backend.general) for r in records])
+        try:
+            records = await store.push_all()  # from PostgreSQL, never from this proxy's memory
+            await limiter.sync([Policy.of(r, backend.general) for r in records])
+        except KeyStoreUnavailable as e:  # the link retries it on its next check
+            raise RedisDown(f"resync waits for the key store: {e}") from None
 
     link.resync_hooks.append(resync)
     link.tick_hooks += [limiter.drain, store.repair]

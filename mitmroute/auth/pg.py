@@ -629,6 +629,9 @@ class PgRedisKeyStore:
                 record = await self.pg.db.run(self.pg.db.get_key, token)
                 op = self._drop_one(token) if record is None else self._save_one(record)
                 await self.link.call(op, self.link.probe_timeout)
+            except KeyStoreUnavailable:  # logged by the store; next tick
+                self._unsynced.add(token)
+                return
             except Exception:
                 self._unsynced.add(token)
                 raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import openai
 import pytest
 import redis
 
-from mitmroute.auth.limits import usd_to_nanos
+from mitmroute.auth.limits import SHARE_FLUSH_DELAY, usd_to_nanos
 from mitmroute.auth.pg import SCHEMA
 from mitmroute.request import hash_key
 from tests import pg
@@ -134,6 +135,38 @@ def test_two_proxies_one_postgresql_keys_and_budgets_outlive_a_redis_flush(
     assert chat(a, from_cli) == "invalid_api_key" and chat(b, from_cli) == "invalid_api_key"
     for proxy in (a, b):
         assert proxy.stop() == 0
+
+
+def test_a_sigkilled_proxy_loses_at_most_its_last_batch_of_budget_spend(
+    own_redis, pg_url, start_proxy, backend, tmp_path
+):
+    cfg = config(backend.url, database_url=pg_url, spend_data_path=str(tmp_path / "data"))
+    cfg["litellm_settings"] = {
+        "cache_params": {"type": "redis", "url": own_redis.url, "namespace": NAMESPACE}
+    }
+    proxy = start_proxy(cfg)
+    key = generate(proxy, max_budget=1000)
+    answered: list[float] = []
+    with proxy.client(api_key=key) as client:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            client.chat.completions.create(model="gpt-4o", messages=HELLO)
+            answered.append(time.time())
+    killed_at = time.time()
+    proxy.stop(signal.SIGKILL)
+    total = pg.psql(
+        f"SELECT coalesce(sum(nanos), 0) FROM {SCHEMA}.key_spend WHERE token = '{hash_key(key)}'",
+        pg_url.rsplit("/", 1)[1],
+    )
+    each = usd_to_nanos(HELLO_COST)
+    stored = int(total) // each
+    lost_window = [t for t in answered if t >= killed_at - SHARE_FLUSH_DELAY - 0.5]
+    print(
+        f"answered {len(answered)}, in PostgreSQL {stored}, lost {len(answered) - stored}; "
+        f"{len(lost_window)} answered in the last {SHARE_FLUSH_DELAY + 0.5:.1f} s"
+    )
+    assert len(answered) > 10
+    assert len(answered) - len(lost_window) <= stored <= len(answered)
 
 
 def test_a_proxy_whose_postgresql_is_down_exits_2(confdir, tmp_path):

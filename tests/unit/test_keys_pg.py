@@ -274,9 +274,13 @@ async def test_keys_survive_a_flush_and_a_deleted_key_is_not_resurrected(pg_url,
 
         await a.store.delete([doomed.token])
         own_redis.restart_empty()  # Redis loses everything, the deleted set included
-        await b.link.resync()  # B pushes back what PostgreSQL holds, not its memory
         client = b.link.client
-        assert await client.hget(b.store.keys_key, kept.token) is not None
+
+        async def pushed_back() -> bool:  # by B's watcher: what PostgreSQL holds, not its memory
+            await b.link.resync()
+            return await client.hget(b.store.keys_key, kept.token) is not None
+
+        await eventually(pushed_back)
         assert await client.hget(b.store.keys_key, doomed.token) is None
         assert await a.store.get(doomed.token) is None and await b.store.get(doomed.token) is None
         assert (await a.store.by_alias("kept")).token == kept.token
@@ -313,7 +317,12 @@ async def test_a_crossed_budget_stays_crossed_on_another_proxy_after_a_flush(pg_
 
         await a.limiter.flush_shares()  # the batch (normally within SHARE_FLUSH_DELAY)
         own_redis.restart_empty()
-        await b.link.resync()  # B had never settled anything for this key
+
+        async def restored() -> bool:  # B had never settled anything for this key
+            await b.link.resync()
+            return await b.limiter.spent(policy) == 2 * NANOS
+
+        await eventually(restored)
         verdict = await b.limiter.admit(policy, 0)
         assert verdict.reason == "budget" and verdict.spent == 2 * NANOS
         # every proxy restoring the same shares at once counts them once
