@@ -321,8 +321,10 @@ class MemoryLimiter:
         self._dirty.clear()
         try:
             await self.db.run(self.db.save_spend, rows)
-        except Exception:
-            log.exception("auth: could not persist key spend")
+        except Exception as e:  # kept: the totals are written by the next flush
+            log.warning("auth: could not persist key spend (retried): %s", e)
+            for token, *_ in rows:
+                self._mark(token)
 
     async def close(self) -> None:
         if self._flush is not None:
@@ -331,6 +333,9 @@ class MemoryLimiter:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
+        if self._flush is not None:  # the last flush failed: nothing will run it again
+            self._flush.cancel()
+            self._flush = None
 
 
 # --- Redis ---------------------------------------------------------------------------------

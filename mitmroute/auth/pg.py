@@ -391,14 +391,15 @@ class PgKeyStore:
 
     # --- reads ----------------------------------------------------------------------------
 
-    async def lookup(self, token: str) -> KeyRecord | None:
+    async def lookup(self, token: str, bounded: bool = True) -> KeyRecord | None:
         """Read `token` from PostgreSQL (one read per token at a time), unless it was unknown
-        a moment ago; past the lookup rate bound raise :class:`KeyStoreUnavailable`."""
+        a moment ago; past the lookup rate bound (`bounded`: a token this proxy does not
+        know) raise :class:`KeyStoreUnavailable`."""
         if self._known_unknown(token):
             return None
         flight = self._inflight.get(token)
         if flight is None:
-            if not self._take_lookup():
+            if bounded and not self._take_lookup():
                 raise KeyStoreUnavailable("too many lookups of unknown keys")
             flight = asyncio.ensure_future(self.db.run(self.db.get_key, token))
             self._inflight[token] = flight
@@ -425,7 +426,7 @@ class PgKeyStore:
 
     async def _refresh(self, token: str) -> None:
         try:
-            await self.lookup(token)
+            await self.lookup(token, bounded=False)
         except KeyStoreUnavailable as e:  # PostgreSQL down: keep serving what we know
             log.debug("auth: cannot refresh a key: %s", e)
 

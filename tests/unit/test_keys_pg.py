@@ -399,3 +399,49 @@ def test_a_proxy_whose_postgresql_is_down_does_not_start(tmp_path):
     with pytest.raises(SystemExit) as exited:
         auth.configured(_config(url, None, spend_db=str(tmp_path / "s.duckdb")))
     assert exited.value.code == 2
+
+
+async def test_postgresql_down_keys_in_redis_work_and_spend_is_written_when_it_is_back(
+    pg_url, own_redis
+):
+    backend = open_backend(_config(pg_url, own_redis.url))
+    made = record(max_budget=10.0)
+    policy = Policy.of(made)
+    try:
+        assert await backend.store.put(made)
+        backend.db.url = f"postgresql://postgres@127.0.0.1:{free_port()}/down"
+        assert terminate_connections(pg_url) == 1  # and it cannot reconnect
+        assert await backend.store.get(made.token) == made  # Redis answers
+        with pytest.raises(KeyStoreUnavailable):  # an unknown token: 503, not 401
+            await backend.store.get("2" * 64)
+        verdict = await backend.limiter.admit(policy, 0)
+        await backend.limiter.settle(verdict.reservation, NANOS, 1)
+        await backend.limiter.flush_shares()  # fails: kept for the next batch
+        backend.db.url = pg_url
+
+        async def written() -> bool:
+            return backend.db.shares({made.token: 0}) == {made.token: {backend.db.instance: NANOS}}
+
+        await eventually(written, 5)
+    finally:
+        await backend.close()
+
+
+async def test_without_redis_spend_that_failed_to_be_written_is_written_later(pg_url):
+    backend = open_backend(_config(pg_url, None))
+    made = record(max_budget=10.0)
+    try:
+        assert await backend.store.put(made)
+        backend.db.url = f"postgresql://postgres@127.0.0.1:{free_port()}/down"
+        assert terminate_connections(pg_url) == 1
+        verdict = await backend.limiter.admit(Policy.of(made), 0)
+        await backend.limiter.settle(verdict.reservation, NANOS, 1)
+        await asyncio.sleep(1.5)  # the first flush failed
+        backend.db.url = pg_url
+
+        async def written() -> bool:
+            return backend.db.shares({made.token: 0}) == {made.token: {backend.db.instance: NANOS}}
+
+        await eventually(written, 5)
+    finally:
+        await backend.close()
