@@ -19,11 +19,12 @@ request is admitted while the minute's request count is below ``rpm_limit`` and 
 below ``tpm_limit``; tokens (``usage.total_tokens``) are added when the exchange finishes.
 
 **Backends.** :class:`MemoryLimiter` keeps dicts on the event loop (single-threaded, so check and
-reserve are one step) and persists spend to the keys DuckDB file a second after it changes and
-at shutdown. :class:`RedisLimiter` admits with one Lua script and settles with another, so any
-number of proxies on one Redis enforce one limit; each proxy's share of a key's spend comes
-from its spend log, so Redis losing its data loses no spend, and a Redis outage drops no
-settlement (see the class).
+reserve are one step) and persists spend to the keys DuckDB file (with ``database_url``: this
+process's share in PostgreSQL) a second after it changes and at shutdown. :class:`RedisLimiter`
+admits with one Lua script and settles with another, so any number of proxies on one Redis
+enforce one limit; each proxy's share of a key's spend comes from its spend log (with
+``database_url``: from PostgreSQL, :mod:`mitmroute.auth.pg`), so Redis losing its data loses no
+spend, and a Redis outage drops no settlement (see the class).
 """
 
 from __future__ import annotations
