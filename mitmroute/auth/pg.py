@@ -78,6 +78,7 @@ LOOKUPS_PER_SECOND = 100.0
 """Read-throughs of tokens this proxy does not know, per second (burst as large)."""
 PRUNE_INTERVAL = 3600.0
 WARN_INTERVAL = 30.0
+RECONNECT_DELAY = 1.0
 _DDL_LOCK = 0x6D69746D726B  # advisory lock id: "mitmrk"
 
 DDL = (
@@ -154,14 +155,19 @@ class PgKeysDB:
         """(token, window) -> the spend of other instances when `load_spend` read it."""
         self._pruned_at = 0.0
         self._warned_at = -WARN_INTERVAL
+        self._down_until = 0.0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mitmroute-pgkeys")
         self._do(self._create)
 
     # --- connection ---------------------------------------------------------------------
 
     def _connect(self) -> Any:
+        """A new connection; after a failed attempt, the next `RECONNECT_DELAY` seconds fail at
+        once (a host that drops packets would hold every queued call for CONNECT_TIMEOUT)."""
         import psycopg
 
+        if time.monotonic() < self._down_until:
+            raise KeyStoreUnavailable(f"PostgreSQL at {self.path}: not answering (retried soon)")
         try:
             return psycopg.connect(
                 self.url,
@@ -172,6 +178,7 @@ class PgKeysDB:
                 f"-c lock_timeout={STATEMENT_TIMEOUT_MS}",
             )
         except psycopg.Error as e:
+            self._down_until = time.monotonic() + RECONNECT_DELAY
             raise self._unavailable(e) from None
 
     def _do(self, op: Callable[[Any], T]) -> T:

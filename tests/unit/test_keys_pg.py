@@ -420,7 +420,11 @@ async def test_postgresql_down_keys_in_redis_work_and_spend_is_written_when_it_i
         backend.db.url = pg_url
 
         async def written() -> bool:
-            return backend.db.shares({made.token: 0}) == {made.token: {backend.db.instance: NANOS}}
+            try:
+                shares = backend.db.shares({made.token: 0})
+            except KeyStoreUnavailable:  # within RECONNECT_DELAY of the failed attempt
+                return False
+            return shares == {made.token: {backend.db.instance: NANOS}}
 
         await eventually(written, 5)
     finally:
@@ -440,8 +444,37 @@ async def test_without_redis_spend_that_failed_to_be_written_is_written_later(pg
         backend.db.url = pg_url
 
         async def written() -> bool:
-            return backend.db.shares({made.token: 0}) == {made.token: {backend.db.instance: NANOS}}
+            try:
+                shares = backend.db.shares({made.token: 0})
+            except KeyStoreUnavailable:  # within RECONNECT_DELAY of the failed attempt
+                return False
+            return shares == {made.token: {backend.db.instance: NANOS}}
 
         await eventually(written, 5)
     finally:
         await backend.close()
+
+
+def test_a_postgresql_that_drops_packets_costs_one_connect_timeout_then_fails_fast(db):
+    import socket
+
+    listener = socket.socket()  # a port whose one-slot backlog is full: connecting hangs
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    try:
+        db.url = f"postgresql://postgres@127.0.0.1:{port}/hung"
+        db._conn.close()
+        started = time.monotonic()
+        with pytest.raises(KeyStoreUnavailable):
+            db.get_key("3" * 64)
+        first = time.monotonic() - started
+        started = time.monotonic()
+        with pytest.raises(KeyStoreUnavailable):
+            db.get_key("3" * 64)
+        second = time.monotonic() - started
+    finally:
+        filler.close()
+        listener.close()
+    assert 2 < first < 6 and second < 0.1, (first, second)
