@@ -19,6 +19,7 @@ import contextlib
 import hmac
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,7 +32,7 @@ from mitmroute.addons.flows import GATE_KEY
 from mitmroute.addons.guard import fail_closed
 from mitmroute.addons.router import EXCHANGE_KEY, IDENTITY_KEY
 from mitmroute.addons.shared import Shared
-from mitmroute.auth import AuthBackend, RedisDown, location, open_backend
+from mitmroute.auth import AuthBackend, KeyStoreUnavailable, RedisDown, location, open_backend
 from mitmroute.auth.key_api import Caller, KeyAdmin, handle, key_route
 from mitmroute.auth.keys import KeyRecord, abbreviate, keys_db_path
 from mitmroute.auth.limits import (
@@ -121,6 +122,7 @@ class KeyAuth:
         self.pending: dict[str, tuple[float, Reservation]] = {}
         """Reservations whose exchange was still running when the flow ended."""
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.is_running = False
         shared.config_listeners.append(self.configured)
         shared.listeners.append(self.exchange_done)
 
@@ -143,6 +145,11 @@ class KeyAuth:
             try:
                 backend = open_backend(config, keys_file)
                 log.info("auth: master key set; virtual keys in %s", backend.where)
+            except KeyStoreUnavailable as e:
+                if not self.is_running:  # the store of record is not there: don't start
+                    print(f"mitmroute: cannot open the key store: {e}", file=sys.stderr)
+                    raise SystemExit(2) from None
+                log.error("auth: cannot open the key store: %s", e)
             except Exception as e:  # fail closed: keyed requests are answered 503
                 log.error("auth: cannot open the key store: %s", e)
         if backend is not None:
@@ -156,6 +163,7 @@ class KeyAuth:
         )  # fmt: skip
 
     def running(self) -> None:
+        self.is_running = True
         if self.state is not None and self.state.backend is not None:
             self.state.backend.start()
 
@@ -184,7 +192,7 @@ class KeyAuth:
             log.info("auth: %d %s %s %s", e.status, e.code, flow.request.method,
                      flow.request.path.split("?", 1)[0])  # fmt: skip
             self._reply(flow, e)
-        except RedisDown as e:  # fail closed; the link logs the outage once
+        except (RedisDown, KeyStoreUnavailable) as e:  # fail closed; logged where it is seen
             log.debug("auth: %s", e)
             self._reply(flow, unavailable())
         except Exception as e:  # fail closed

@@ -1,7 +1,9 @@
 """Virtual keys, budgets and rate limits.
 
-:func:`open_backend` decides where keys and limits live. The store of record for keys is
-always the DuckDB keys file beside the spend log, and spend is always in the spend log. With
+:func:`open_backend` decides where keys and limits live. The store of record for keys is the
+DuckDB keys file beside the spend log, and spend is in the spend log; with
+``general_settings.database_url`` both are in that PostgreSQL database instead (keys and
+per-process budget shares, :mod:`mitmroute.auth.pg`), shared by every proxy on it. With
 ``litellm_settings.cache_params.type: redis`` or ``router_settings.redis_host`` / ``redis_url``,
 Redis holds the counters every proxy on it shares and a cache of the keys, rebuilt from the
 stores when it loses data (:mod:`mitmroute.auth.link`); else limits live in this process.
@@ -21,19 +23,36 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmroute.auth.keys import KeysDB, KeyStore, MemoryKeyStore, RedisKeyStore, keys_db_path
+from mitmroute.auth.keys import (
+    KeysDB,
+    KeyStore,
+    KeyStoreUnavailable,
+    MemoryKeyStore,
+    RedisKeyStore,
+    keys_db_path,
+)
 from mitmroute.auth.ledger import Ledger
 from mitmroute.auth.limits import Limiter, MemoryLimiter, Policy, RedisLimiter
 from mitmroute.auth.link import RedisDown, RedisLink
+from mitmroute.auth.pg import PgKeysDB, PgKeyStore, PgRedisKeyStore
 from mitmroute.config import GeneralSettings, RouterConfig
 from mitmroute.redis_client import RedisTarget, connect, redis_target
 
-__all__ = ["AuthBackend", "RedisDown", "location", "open_backend", "redis_target"]
+__all__ = [
+    "AuthBackend",
+    "KeyStoreUnavailable",
+    "RedisDown",
+    "location",
+    "open_backend",
+    "redis_target",
+]
 
 
 def location(config: RouterConfig) -> tuple[Any, ...]:
     """Two configs with the same location share one backend (a reload keeps it)."""
     target = redis_target(config)
+    if config.general.database_url:
+        return ("postgresql", config.general.database_url, target, config.cache.namespace)
     if target is not None:
         return ("redis", target, config.cache.namespace)
     return ("memory", keys_db_path(config.general.spend_db))
@@ -57,8 +76,9 @@ class AuthBackend:
     closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     general: GeneralSettings = field(default_factory=GeneralSettings)
     link: RedisLink | None = None
-    db: KeysDB | None = None
-    """The keys file (one process may hold it: a reload hands it on with `release_db`)."""
+    db: KeysDB | PgKeysDB | None = None
+    """The keys file (one process may hold it: a reload hands it on with `release_db`), or
+    the PostgreSQL store."""
 
     def start(self) -> None:
         """Start watching Redis and push this proxy's state into it (needs a running loop;
@@ -76,7 +96,7 @@ class AuthBackend:
 
     def release_db(self, path: str | None) -> KeysDB | None:
         """Hand the keys file at `path` to the next backend (this one stops owning it)."""
-        db = self.db if self.db is not None and self.db.path == path else None
+        db = self.db if isinstance(self.db, KeysDB) and self.db.path == path else None
         if db is not None:
             self.db = None
         return db
@@ -94,8 +114,11 @@ class AuthBackend:
 
 def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
     """Open the store and limiter `config` asks for (blocking: reads the keys file), on `db`
-    when given (a reload's, from `release_db`)."""
+    when given (a reload's, from `release_db`). Raises :class:`KeyStoreUnavailable` when
+    `database_url` names a PostgreSQL that does not answer."""
     ttl = config.router.timeout + 60.0
+    if config.general.database_url:
+        return open_shared_backend(config)
     path = keys_db_path(config.general.spend_db)
     if db is None and path:
         db = KeysDB(path)
@@ -127,4 +150,42 @@ def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
 
     link.resync_hooks.append(resync)
     link.tick_hooks.append(limiter.drain)
+    return backend
+
+
+def open_shared_backend(config: RouterConfig) -> AuthBackend:
+    """Keys and budget shares in PostgreSQL (`database_url`), Redis (if any) in front."""
+    ttl = config.router.timeout + 60.0
+    db = PgKeysDB(str(config.general.database_url))
+    try:
+        pg = PgKeyStore(db)
+    except BaseException:
+        db.close()
+        raise
+    target = redis_target(config)
+    if target is None:
+        limiter = MemoryLimiter(db, reservation_ttl=ttl)  # type: ignore[arg-type]
+        backend = AuthBackend(pg, limiter, db.path, db=db)
+        backend.set_policy(config.general)
+        return backend
+    client = redis_client(target)
+    namespace = config.cache.namespace
+    link = RedisLink(client, namespace, label=target.label)
+    store = PgRedisKeyStore(client, namespace, pg, link)
+    limiter = RedisLimiter(
+        client, namespace, reservation_ttl=ttl, link=link, ledger_id=db.instance, shares=db
+    )
+    where = f"{db.path} (cached in {target.label})"
+    backend = AuthBackend(store, limiter, where, [link.close, client.aclose], link=link, db=db)
+    backend.set_policy(config.general)
+
+    async def resync() -> None:
+        try:
+            records = await store.push_all()  # from PostgreSQL, never from this proxy's memory
+            await limiter.sync([Policy.of(r, backend.general) for r in records])
+        except KeyStoreUnavailable as e:  # the link retries it on its next check
+            raise RedisDown(f"resync waits for the key store: {e}") from None
+
+    link.resync_hooks.append(resync)
+    link.tick_hooks += [limiter.drain, store.repair]
     return backend

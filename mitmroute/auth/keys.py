@@ -12,6 +12,10 @@ hex digest, the *token*, is ever stored. Two stores share one async interface:
   deleted through any proxy stops working everywhere at once. Redis is a cache of the stores:
   a key Redis lost is read from the keys file and pushed back, and every key a proxy reads from
   Redis is kept in its own keys file too, so a Redis restarted empty loses no key.
+
+With ``general_settings.database_url`` PostgreSQL replaces the keys file as the store of
+record, shared by every proxy (:mod:`mitmroute.auth.pg`: ``PgKeysDB``, ``PgKeyStore``,
+``PgRedisKeyStore``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ from mitmroute.errors import ProxyError
 from mitmroute.request import hash_key
 
 T = TypeVar("T")
-__all__ = ["KeyRecord", "KeyStore", "KeysDB", "MemoryKeyStore", "RedisKeyStore", "hash_key"]
+__all__ = ["KeyRecord", "KeyStore", "KeyStoreUnavailable", "KeysDB", "MemoryKeyStore",
+           "RedisKeyStore", "hash_key"]  # fmt: skip
+
+
+class KeyStoreUnavailable(Exception):
+    """The store of record (PostgreSQL) cannot answer now: keyed requests get 503."""
+
 
 KEY_PREFIX = "sk-"
 ALL_MODELS = frozenset({"*", "all-proxy-models"})

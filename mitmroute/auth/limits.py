@@ -19,11 +19,12 @@ request is admitted while the minute's request count is below ``rpm_limit`` and 
 below ``tpm_limit``; tokens (``usage.total_tokens``) are added when the exchange finishes.
 
 **Backends.** :class:`MemoryLimiter` keeps dicts on the event loop (single-threaded, so check and
-reserve are one step) and persists spend to the keys DuckDB file a second after it changes and
-at shutdown. :class:`RedisLimiter` admits with one Lua script and settles with another, so any
-number of proxies on one Redis enforce one limit; each proxy's share of a key's spend comes
-from its spend log, so Redis losing its data loses no spend, and a Redis outage drops no
-settlement (see the class).
+reserve are one step) and persists spend to the keys DuckDB file (with ``database_url``: this
+process's share in PostgreSQL) a second after it changes and at shutdown. :class:`RedisLimiter`
+admits with one Lua script and settles with another, so any number of proxies on one Redis
+enforce one limit; each proxy's share of a key's spend comes from its spend log (with
+``database_url``: from PostgreSQL, :mod:`mitmroute.auth.pg`), so Redis losing its data loses no
+spend, and a Redis outage drops no settlement (see the class).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from mitmroute.money import Pricing
 if TYPE_CHECKING:
     from mitmroute.auth.keys import KeyRecord, KeysDB
     from mitmroute.auth.ledger import Ledger
+    from mitmroute.auth.pg import PgKeysDB
     from mitmroute.config import GeneralSettings, RouterConfig
     from mitmroute.exchange import Exchange
 
@@ -55,6 +57,9 @@ log = logging.getLogger("mitmroute.auth")
 NANOS = 10**9
 MINUTE = 60
 FLUSH_DELAY = 1.0
+SHARE_FLUSH_DELAY = 1.0
+"""Seconds between a settlement and the batch that writes this proxy's shares to
+PostgreSQL (with database_url): what a SIGKILL can lose from the budget counter of record."""
 DEFAULT_OUTPUT_TOKENS = 1024
 BYTES_PER_TOKEN = 4
 
@@ -317,8 +322,10 @@ class MemoryLimiter:
         self._dirty.clear()
         try:
             await self.db.run(self.db.save_spend, rows)
-        except Exception:
-            log.exception("auth: could not persist key spend")
+        except Exception as e:  # kept: the totals are written by the next flush
+            log.warning("auth: could not persist key spend (retried): %s", e)
+            for token, *_ in rows:
+                self._mark(token)
 
     async def close(self) -> None:
         if self._flush is not None:
@@ -327,6 +334,9 @@ class MemoryLimiter:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.flush()
+        if self._flush is not None:  # the last flush failed: nothing will run it again
+            self._flush.cancel()
+            self._flush = None
 
 
 # --- Redis ---------------------------------------------------------------------------------
@@ -400,6 +410,18 @@ return {spent - (share - before), spent, share}
 )
 """KEYS: spend hash, reservations, tpm; ARGV 4-5: reservation id ('' = none), tokens."""
 
+_RAISE_ALL = """
+for i = 2, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) > tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+if tonumber(ARGV[1]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+"""Raise several shares of one spend hash (KEYS[1]): ARGV[1] the ttl, then field, value
+pairs."""
+
 _REASONS = {1: "rpm", 2: "tpm", 3: "budget"}
 
 QUEUE_LIMIT = 10_000
@@ -446,9 +468,15 @@ class RedisLimiter:
         ledger_id: str | None = None,
         serve_local_when_down: bool = False,
         queue_limit: int = QUEUE_LIMIT,
+        shares: PgKeysDB | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
+        self.shares = shares
+        self._dirty_shares: dict[tuple[str, int], int] = {}
+        """(token, window) -> this proxy's share, not yet written to PostgreSQL."""
+        self._share_flush: asyncio.TimerHandle | None = None
+        self._share_tasks: set[asyncio.Task[None]] = set()
         self.reservation_ttl = reservation_ttl
         self._clock = clock
         self.link = link if link is not None else RedisLink(client, namespace, watch=False)
@@ -458,6 +486,7 @@ class RedisLimiter:
         self._admit = client.register_script(_ADMIT)
         self._settle = client.register_script(_SETTLE)
         self._push = client.register_script(_PUSH)
+        self._raise_all = client.register_script(_RAISE_ALL)
         self._mine: dict[str, tuple[int, int]] = {}
         """token -> (window, nano-dollars): this ledger's share of the key's spend."""
         self._others: dict[str, tuple[int, int]] = {}
@@ -589,6 +618,8 @@ class RedisLimiter:
         cost, tokens = max(cost, 0), max(tokens, 0)
         mine = (self._held(token, window) or 0) + cost
         self._mine[token] = (window, mine)
+        if cost:
+            self._persist(token, window, mine)
         await self._local.settle(reservation, 0, tokens, now)  # this proxy's tpm, if Redis dies
         queued = _Queued(
             self._key(token, "reserved"),
@@ -650,6 +681,8 @@ class RedisLimiter:
         for table in (self._mine, self._others, self._policies):
             table.pop(token, None)
         self._unpushed.discard(token)
+        for held in [k for k in self._dirty_shares if k[0] == token]:
+            del self._dirty_shares[held]
         await self._local.forget(token)
         pattern = f"{self.namespace}:auth:{{{token}}}:*"
 
@@ -663,9 +696,12 @@ class RedisLimiter:
     # --- putting Redis right again ------------------------------------------------------
 
     async def sync(self, policies: list[Policy]) -> None:
-        """After Redis lost data or came back: read the spend log for the keys not seen yet,
-        write every share this ledger holds, and apply the queued settlements."""
+        """After Redis lost data or came back: read the spend log for the keys not seen yet
+        (with database_url: every instance's share from PostgreSQL), write every share this
+        ledger holds, and apply the queued settlements."""
         now = self._clock()
+        if self.shares is not None:
+            await self._restore_shares(policies, now)
         since: dict[str, float] = {}
         for policy in policies:
             self._policies[policy.token] = policy
@@ -714,8 +750,79 @@ class RedisLimiter:
         """Settlements or shares still to write to Redis."""
         return bool(self._queue or self._unpushed)
 
+    # --- shares in PostgreSQL (database_url) --------------------------------------------
+
+    async def _restore_shares(self, policies: list[Policy], now: float) -> None:
+        """Raise every instance's share in Redis to what PostgreSQL holds (batches of 500)."""
+        assert self.shares is not None
+        by_token = {p.token: p for p in policies}
+        windows = {token: p.window(now) for token, p in by_token.items()}
+        found = await self.shares.run(self.shares.shares, windows)
+        for token, fields in found.items():
+            if self.me in fields:
+                self._raise(token, windows[token], fields[self.me])
+        items = [(t, f) for t, f in found.items() if f]
+        for i in range(0, len(items), 500):
+            batch = items[i : i + 500]
+            await self.link.call(
+                functools.partial(self._restore, batch, by_token, now), self.link.probe_timeout
+            )
+
+    async def _restore(self, batch: list[tuple[str, dict[str, int]]],
+                       policies: dict[str, Policy], now: float) -> None:  # fmt: skip
+        async with self.client.pipeline(transaction=False) as pipe:
+            for token, fields in batch:
+                policy = policies[token]
+                args: list[Any] = [self._spend_ttl(policy)]
+                for instance, nanos in fields.items():
+                    args += [instance, nanos]
+                key = self._spend_key(policy, now)
+                await self._raise_all(keys=[key], args=args, client=pipe)
+            await pipe.execute()
+
+    def _persist(self, token: str, window: int, nanos: int) -> None:
+        """Queue this proxy's share for the next batch to PostgreSQL."""
+        if self.shares is None:
+            return
+        key = (token, window)
+        self._dirty_shares[key] = max(nanos, self._dirty_shares.get(key, 0))
+        if self._share_flush is None:
+            loop = asyncio.get_running_loop()
+            self._share_flush = loop.call_later(SHARE_FLUSH_DELAY, self._start_share_flush)
+
+    def _start_share_flush(self) -> None:
+        self._share_flush = None
+        task = asyncio.get_running_loop().create_task(self.flush_shares())
+        self._share_tasks.add(task)
+        task.add_done_callback(self._share_tasks.discard)
+
+    async def flush_shares(self, retry: bool = True) -> None:
+        """Write the queued shares to PostgreSQL (on its worker thread); kept for the next
+        batch (`retry`) when it cannot be written."""
+        if self.shares is None or not self._dirty_shares:
+            return
+        rows, self._dirty_shares = self._dirty_shares, {}
+        try:
+            await self.shares.run(
+                self.shares.save_shares, [(t, w, n) for (t, w), n in rows.items()]
+            )
+        except Exception as e:
+            for key, nanos in rows.items():
+                self._dirty_shares[key] = max(nanos, self._dirty_shares.get(key, 0))
+            log.warning("auth: cannot write key spend to PostgreSQL: %s", e)
+            if retry and self._share_flush is None:
+                loop = asyncio.get_running_loop()
+                self._share_flush = loop.call_later(SHARE_FLUSH_DELAY, self._start_share_flush)
+
     async def close(self) -> None:
-        pass  # the client and the link are closed by whoever opened them
+        """Write the last shares (the client and the link are closed by whoever opened
+        them)."""
+        if self._share_flush is not None:
+            self._share_flush.cancel()
+            self._share_flush = None
+        if self._share_tasks:
+            await asyncio.gather(*self._share_tasks, return_exceptions=True)
+        await self.flush_shares(retry=False)
 
 
 def _window_start(policy: Policy, window: int) -> float:

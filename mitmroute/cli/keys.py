@@ -11,7 +11,9 @@
 
 Keys live in the DuckDB keys file beside the spend log (<spend_db>.keys.duckdb) and, when the
 config names a Redis, in its shared cache too. A running proxy holds that file: while it runs,
-use its /key/* API (see the README).
+use its /key/* API (see the README). With general_settings.database_url the keys are in that
+PostgreSQL database (schema mitmroute), which any number of proxies and this command share:
+it works while proxies run, and they see its changes at once (through Redis) or within ~2 s.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def add_options(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import duckdb
 
+    from mitmroute.auth import KeyStoreUnavailable, RedisDown
+
     method, path, body = key_api_call(args)
     _, config = configs.load(args.config, "keys")
     try:
@@ -133,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
                 "the keys file is held by a running proxy: use its /key/* API while it runs"
             ) from None
         raise CliError(f"keys file: {' '.join(str(e).split())}") from None
-    except (RuntimeError, ValueError) as e:
+    except (RuntimeError, ValueError, KeyStoreUnavailable) as e:
         raise CliError(str(e), 2) from None
+    except RedisDown as e:
+        raise CliError(f"the key store's Redis does not answer: {e}", 2) from None
     print(json.dumps(answer, indent=2))
     return 0 if status == 200 else 1
