@@ -49,9 +49,9 @@ def test_a_bad_config_names_its_key_in_one_line(workdir):
         assert "model_list[0].litellm_params.model: unknown provider 'nope'" in line, line
 
 
-def test_a_bad_config_is_a_failed_check_for_the_doctor(workdir):
+def test_a_bad_config_is_a_failed_check_for_the_doctor(workdir, confdir):
     (workdir / "config.yaml").write_text("model_list: 5\n")
-    out = mitmroute("doctor", "--no-proxy", cwd=workdir)
+    out = mitmroute("doctor", "--no-proxy", "--confdir", str(confdir), cwd=workdir)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "config  FAIL" in out.stdout and "model_list: expected a list" in out.stdout
     assert out.stderr.splitlines()[-1] == "mitmroute doctor: broken: config"
