@@ -3,12 +3,14 @@
 
     .venv/bin/python scripts/bench.py [--requests N] [--soak N] [--rounds R] [--smoke]
                                       [--out DIR] [--litellm-python /venv/bin/python]
+                                      [--only SCENARIO] [--streams N] [--chunks N] [--gap-ms MS]
 
 One run starts a fast fake OpenAI backend, mitmroute (plain, with a local cache, with a Redis
 cache), a bare mitmdump that only rewrites the host (scripts/bench_rewrite_addon.py) and LiteLLM
 when its python can import `litellm.proxy`; drives the same closed-loop load through each, with
-targets interleaved over several rounds; and writes `latest.json`, `latest.md` and `latest.png`
-to `--out` (default bench-results/). Every process it starts is stopped on exit.
+targets interleaved over several rounds; then holds `--streams` concurrent streams of
+timestamped chunks through each (the `streams` scenario); and writes `latest.json`, `latest.md`
+and `latest.png` to `--out` (default bench-results/). Every process it starts is stopped on exit.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import platform
 import re
 import resource
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -916,14 +919,19 @@ def chart(summary: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
         ax, proxied = axes[1][2], {t: r for t, r in sc["targets"].items() if t != "direct"}
         ax.set_axis_on()
-        ax.bar([f"{t}\nCPU ms/stream" for t in proxied],
-               [r["cpu_ms_per_stream"] or 0 for r in proxied.values()], color="tab:orange")
-        ax.bar([f"{t}\nRSS kB/stream" for t in proxied],
-               [r["rss_kb_per_stream"] or 0 for r in proxied.values()], color="tab:green")
+        rss_ax, xs = ax.twinx(), range(len(proxied))
+        cpu = ax.bar([x - 0.2 for x in xs], [r["cpu_ms_per_stream"] or 0
+                                             for r in proxied.values()], 0.4, color="tab:orange")
+        rss = rss_ax.bar([x + 0.2 for x in xs], [r["rss_kb_per_stream"] or 0
+                                                 for r in proxied.values()], 0.4, color="tab:green")
+        ax.bar_label(cpu, fmt="%.1f", fontsize=8)
+        rss_ax.bar_label(rss, fmt="%.0f", fontsize=8)
+        ax.set_xticks(list(xs), list(proxied))
+        ax.set_ylabel("proxy CPU ms per stream", color="tab:orange")
+        rss_ax.set_ylabel("RSS kB per open stream", color="tab:green")
         ax.set_title("concurrent streams: proxy CPU and RSS per open stream", fontsize=9)
-    for ax in axes.flat:
-        if ax.get_legend_handles_labels()[0] and ax is axes[1][1]:
-            ax.legend(fontsize=8)
+    if axes[1][1].get_legend_handles_labels()[0]:
+        axes[1][1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -954,6 +962,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", action="append", metavar="SCENARIO",
                    help="run only this scenario (repeatable): chat-c1, chat-c8, stream, "
                    "cache-local, cache-redis, fallback, soak, streams")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="copy every process's log to OUT/logs/ (they are deleted otherwise)")
     p.add_argument("--serve-fake", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -1034,6 +1044,11 @@ def main() -> int:
         finally:
             for s in reversed(services.values()):
                 s.stop()
+            if args.keep_logs:
+                (args.out / "logs").mkdir(parents=True, exist_ok=True)
+                for s in services.values():
+                    with contextlib.suppress(OSError):
+                        shutil.copy(s.log, args.out / "logs" / s.log.name)
             with contextlib.suppress(Exception):
                 import redis
 
