@@ -556,7 +556,7 @@ async def one_stream(client: Client, body: bytes, chunks: int, out: StreamSample
 
 async def drive_streams(client: Client, sc: Scenario, chunks: int, ramp: float,
                         service: Service | None, out: StreamSamples) -> None:
-    """`sc.streams` streams started `ramp` seconds apart in all, sampling the proxy's RSS."""
+    """`sc.streams` streams started evenly over `ramp` seconds, sampling the proxy's RSS."""
     loop = asyncio.get_running_loop()
     body = json.dumps({"model": sc.model, "stream": True,
                        "messages": [{"role": "user", "content": "count"}]}).encode()
@@ -586,8 +586,8 @@ async def run_streams(services: dict[str, Service], bundle: Path, sc: Scenario, 
                       gap_ms: float, ramp_ms: float, rounds: int) -> dict[str, StreamSamples]:
     """`rounds` rounds of `sc.streams` concurrent streams through each target, rotated.
 
-    Each round opens its own connections first (sc.streams concurrent non-streamed requests:
-    CONNECT, TLS, the proxy's upstream connection), so the streams measure relaying, not
+    Each round opens its own connections first (sc.streams concurrent short streams: CONNECT,
+    TLS, the proxy's upstream and relay connections), so the streams measure relaying, not
     handshakes; the session is closed after the round so the proxy lets them go.
     """
     import aiohttp
