@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 
 HIGH_WATER = 64 * 1024
 """Wait for the reader (mitmproxy) only when this much is buffered: chunks go out at once."""
+BACKLOG = 4096
+"""Connections the kernel queues for the relay until the loop accepts them: each new client
+connection's first stream opens one, and a burst past a short queue costs each extra stream a
+1 s SYN retry (the kernel caps this at net.core.somaxconn)."""
 CLAIM_TIMEOUT = 10.0
 """A registered stream nobody fetches within this many seconds is closed."""
 
@@ -42,7 +46,9 @@ class StreamRelay:
         """Listen on a free loopback port (idempotent; also done on first use)."""
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._serve, host, 0, limit=1 << 16)
+        self._server = await asyncio.start_server(
+            self._serve, host, 0, limit=1 << 16, backlog=BACKLOG
+        )
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import select
+import socket
+import time
 
 from mitmroute.streaming.relay import RelayedStream, StreamRelay
 
@@ -36,3 +39,29 @@ async def test_relay_streams_chunks_and_abandon_runs_cleanup():
     await relay.abandon(never)
     await relay.close()
     assert cleaned == ["fetched", "abandoned"]
+
+
+async def test_relay_queues_a_burst_of_new_connections_before_its_loop_accepts_them():
+    """Many streams starting at once on new client connections each open a relay connection;
+    with a short listen queue the kernel drops the extra SYNs and each such stream waits 1 s
+    for the retry. Here the loop accepts nothing while 300 connect: all must complete."""
+    relay = StreamRelay()
+    await relay.start()
+    sockets, poller = [], select.poll()
+    try:
+        for _ in range(300):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", relay.port))
+            sockets.append(sock)
+            poller.register(sock, select.POLLOUT)
+        pending, deadline = {s.fileno() for s in sockets}, time.monotonic() + 0.5
+        while pending and time.monotonic() < deadline:  # blocks the loop on purpose
+            for fd, _ in poller.poll(50):  # writable: the handshake is done
+                pending.discard(fd)
+                poller.unregister(fd)
+        assert not pending, f"{len(pending)} of 300 handshakes left waiting for a SYN retry"
+    finally:
+        for sock in sockets:
+            sock.close()
+        await relay.close()
