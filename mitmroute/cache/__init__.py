@@ -169,9 +169,9 @@ class ResponseCache:
         return cls(settings, store)
 
     async def start(self) -> None:
-        await self.store.start()
         if self.shared_flights is not None:
-            self.shared_flights.start()
+            self.shared_flights.start()  # first: the warm connection below stays for requests
+        await self.store.start()
 
     async def close(self) -> None:
         if self.shared_flights is not None:

@@ -90,10 +90,10 @@ class RoutingState:
         return SimpleShuffle(self.rng)
 
     async def start(self) -> None:
+        if self.shared_cooldowns is not None:
+            self.shared_cooldowns.start()  # first: the warm connection below stays for requests
         if self.shared is not None:
             await self.shared.start()
-        if self.shared_cooldowns is not None:
-            self.shared_cooldowns.start()
 
     async def close(self) -> None:
         if self.shared_cooldowns is not None:

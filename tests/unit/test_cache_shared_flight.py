@@ -5,9 +5,12 @@ crashed or slow leader never holds the others past their bound; Redis down means
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +23,6 @@ from tests.conftest import free_port
 SHARED_URL = "redis://127.0.0.1:6379/10"
 
 pytestmark = pytest.mark.timeout(30)
-
-Proxies = Callable[..., AsyncIterator[list[ResponseCache]]]
 
 
 class Upstream:
@@ -98,6 +99,9 @@ async def test_identical_misses_on_two_proxies_make_one_upstream_call(proxies) -
     assert answered_at - upstream.stored_at < 0.05  # woken by the message, not the poll
     assert one.shared_flights and one.shared_flights.led == 1
     assert two.shared_flights and two.shared_flights.shared == 1
+    await one.shared_flights.drain()
+    assert isinstance(one.store, RedisStore)
+    assert await one.store.client.exists(f"{key}:flight") == 0  # the lock went with the store
 
 
 async def test_a_proxys_own_followers_share_the_other_proxys_answer(proxies) -> None:
@@ -178,3 +182,17 @@ async def test_redis_down_means_no_lock_and_no_delay(proxies) -> None:
         assert await upstream.ask(cache, key_of(cache)) == {"call": upstream.calls}
     assert time.perf_counter() - t0 < 0.05
     assert upstream.calls == 5
+
+
+def test_the_benchmark_reports_one_more_round_trip_before_the_upstream_call() -> None:
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_singleflight.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--misses", "20"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    rows = {line.split()[2]: line.split() for line in out.splitlines() if line.startswith("cross")}
+    assert rows["without"][-1] == "2.0" and rows["with"][-1] == "4.0"  # round trips per miss
+    assert "added to a miss before its upstream call" in out
