@@ -155,7 +155,7 @@ class ResponseCache:
         """Single flight across the proxies on a Redis store."""
         if isinstance(store, RedisStore):
             channel = f"{settings.namespace}:cache:flights"
-            self.shared_flights = SharedFlights(store, channel)
+            self.shared_flights = SharedFlights(store, channel, max_hold=deadline)
 
     @classmethod
     def from_settings(cls, settings: CacheSettings, **redis_options: Any) -> ResponseCache:

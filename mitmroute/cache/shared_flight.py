@@ -57,6 +57,7 @@ class SharedFlights:
         *,
         lock_ttl: float = LOCK_TTL,
         poll: float = POLL,
+        max_hold: float = 120.0,
         retry_interval: float = 1.0,
     ) -> None:
         self.store = store
@@ -64,6 +65,8 @@ class SharedFlights:
         self.channel = channel
         self.lock_ttl = lock_ttl
         self.poll = poll
+        self.max_hold = max_hold
+        """Seconds after which a leader stops refreshing its lock, released or not."""
         self.led = 0
         """Locks taken: this proxy called upstream for the others."""
         self.shared = 0
@@ -89,6 +92,8 @@ class SharedFlights:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        for key in list(self._tokens):  # leaders cut short by shutdown: let the others go now
+            self.unlock(key)
         await self.drain()
         for task in self._refreshers.values():
             task.cancel()
@@ -135,9 +140,10 @@ class SharedFlights:
         task.add_done_callback(self._tasks.discard)
 
     async def _keep(self, key: str, token: str) -> None:
-        """Refresh the lock while the call runs; stop when it is someone else's."""
+        """Refresh the lock while the call runs, up to `max_hold`; stop when it is someone
+        else's."""
         ttl_ms = round(self.lock_ttl * 1000)
-        while True:
+        for _ in range(max(0, int(self.max_hold / (self.lock_ttl / 3)))):
             await asyncio.sleep(self.lock_ttl / 3)
             kept = await self.store.guard.call(
                 lambda: self._refresh(keys=[_lock(key)], args=[token, ttl_ms]), 1

@@ -196,3 +196,29 @@ def test_the_benchmark_reports_one_more_round_trip_before_the_upstream_call() ->
     rows = {line.split()[2]: line.split() for line in out.splitlines() if line.startswith("cross")}
     assert rows["without"][-1] == "2.0" and rows["with"][-1] == "4.0"  # round trips per miss
     assert "added to a miss before its upstream call" in out
+
+
+async def test_a_leader_that_never_ends_holds_its_lock_no_longer_than_its_deadline(
+    proxies,
+) -> None:
+    one, two = await proxies(2)
+    assert one.shared_flights is not None
+    one.shared_flights.lock_ttl, one.shared_flights.max_hold = 0.15, 0.3
+    key = key_of(one)
+    stuck = await one.join(key)  # leads, and is never released
+    assert stuck.leader and one.shared_flights.holds(key)
+    t0 = time.perf_counter()
+    assert await Upstream(delay=0.0).ask(two, key) == {"call": 1}
+    assert 0.3 < time.perf_counter() - t0 < 1.0  # refreshed up to 0.3 s, expired 0.15 s later
+
+
+async def test_a_proxy_shutting_down_lets_the_others_go_at_once(proxies) -> None:
+    one, two = await proxies(2)
+    key = key_of(one)
+    await one.join(key)  # leads; then the proxy stops before its call ends
+    waiting = asyncio.create_task(Upstream(delay=0.0).ask(two, key))
+    await asyncio.sleep(0.1)
+    t0 = time.perf_counter()
+    await one.close()
+    assert await waiting == {"call": 1}
+    assert time.perf_counter() - t0 < 0.3
