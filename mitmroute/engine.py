@@ -177,7 +177,7 @@ class Engine:
             return ticket
         ticket.hit = await self.cache.get(key, max_age=controls.max_age)
         if ticket.hit is None:
-            ticket.flight = await self.cache.join(key)
+            ticket.flight = await self.cache.join(key, shared=controls.write)
             ticket.hit = ticket.flight.result
             if ticket.hit is not None:
                 ticket.release()

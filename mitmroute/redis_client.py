@@ -222,3 +222,96 @@ class GuardedCalls:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._probe
             self._probe = None
+
+
+class Subscription:
+    """One pub/sub connection to `channels` that outlives Redis outages.
+
+    `on_message(channel, data)` gets every message (bytes); `on_connect()` runs after each
+    (re)subscription, so the owner can read what it missed while disconnected. A lost
+    connection is retried every `retry_interval` seconds, quietly: the owners' own guarded calls
+    report Redis outages. Nothing here is on a request's path.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        channels: list[str],
+        on_message: Callable[[str, bytes], None],
+        *,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        retry_interval: float = 1.0,
+        log: logging.Logger,
+    ) -> None:
+        self.client = client
+        self.channels = channels
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.retry_interval = retry_interval
+        self.connected = asyncio.Event()
+        """Set while subscribed, once `on_connect` has run (tests wait on it)."""
+        self.connects = 0
+        self._log = log
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        while True:
+            pubsub = self.client.pubsub()
+            try:
+                await pubsub.subscribe(*self.channels)
+                await self._confirmed(pubsub)
+                if self.on_connect is not None:
+                    await self.on_connect()
+                self.connected.set()
+                self.connects += 1
+                while True:
+                    message = await pubsub.get_message(timeout=self.retry_interval)
+                    if message is not None and message.get("type") == "message":
+                        self._deliver(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log.debug("subscription to %s lost (%s)", self.channels, type(exc).__name__)
+            finally:
+                self.connected.clear()
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(self.retry_interval)
+
+    async def _confirmed(self, pubsub: Any) -> None:
+        """Wait for Redis to confirm every subscription: only then is nothing published missed
+        (what `on_connect` reads on another connection may otherwise race the SUBSCRIBE)."""
+        waiting = len(self.channels)
+        deadline = asyncio.get_running_loop().time() + self.retry_interval
+        while waiting:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise TimeoutError("subscription not confirmed")
+            message = await pubsub.get_message(timeout=left)
+            if message is None:
+                continue
+            if message.get("type") == "subscribe":
+                waiting -= 1
+            elif message.get("type") == "message":
+                self._deliver(message)
+
+    def _deliver(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        channel = channel.decode() if isinstance(channel, bytes) else str(channel)
+        data = message.get("data")
+        try:
+            self.on_message(channel, data if isinstance(data, bytes) else str(data).encode())
+        except Exception:
+            self._log.exception("subscription handler failed")

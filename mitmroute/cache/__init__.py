@@ -22,6 +22,10 @@ A streamed leader whose answer completes in a callback uses `f = await cache.joi
 later `f.publish(answer)` and `f.release()` (always, also on failure). Followers of a streamed
 leader get the assembled answer when the leader's stream ends, and replay it.
 
+With a Redis store the flight spans every proxy on that Redis (`shared_flight`): `join(key,
+shared=controls.write)` may then return another proxy's stored answer as `f.result`; the
+leader's lock is dropped by `put` (after the store) or by `release` without `publish`.
+
 Stored values are compact JSON (zlib-compressed over `COMPRESS_OVER` bytes, recognized by their
 first byte), so the local and the Redis store hold the same bytes and readers never share
 mutable dicts.
@@ -45,6 +49,7 @@ from mitmroute.cache.keys import cache_key, scope_id
 from mitmroute.cache.local import LocalStore
 from mitmroute.cache.redis_store import RedisStore
 from mitmroute.cache.replay import replay_stream
+from mitmroute.cache.shared_flight import SharedFlights
 from mitmroute.cache.singleflight import Flight, SingleFlight
 from mitmroute.config import CacheSettings
 
@@ -144,8 +149,13 @@ class ResponseCache:
         self.store = store
         self.stats = CacheStats()
         self.flights: SingleFlight[CachedAnswer] = SingleFlight(
-            deadline=deadline, share=CachedAnswer.copy
+            deadline=deadline, share=CachedAnswer.copy, on_release=self._released
         )
+        self.shared_flights: SharedFlights | None = None
+        """Single flight across the proxies on a Redis store."""
+        if isinstance(store, RedisStore):
+            channel = f"{settings.namespace}:cache:flights"
+            self.shared_flights = SharedFlights(store, channel, max_hold=deadline)
 
     @classmethod
     def from_settings(cls, settings: CacheSettings, **redis_options: Any) -> ResponseCache:
@@ -159,9 +169,13 @@ class ResponseCache:
         return cls(settings, store)
 
     async def start(self) -> None:
+        if self.shared_flights is not None:
+            self.shared_flights.start()  # first: the warm connection below stays for requests
         await self.store.start()
 
     async def close(self) -> None:
+        if self.shared_flights is not None:
+            await self.shared_flights.close()
         await self.store.close()
 
     async def get(self, key: str, *, max_age: float | None = None) -> CachedAnswer | None:
@@ -170,11 +184,8 @@ class ResponseCache:
         if data is None:
             self.stats.misses += 1
             return None
-        try:
-            answer = CachedAnswer.from_bytes(data, key=key)
-        except (ValueError, KeyError, TypeError, zlib.error) as exc:
-            self.stats.corrupt += 1
-            log.debug("cache: unreadable entry %s (%s)", key, exc)
+        answer = self._decode(key, data)
+        if answer is None:
             return None
         if max_age is not None and answer.age() > max_age:
             self.stats.stale += 1
@@ -182,8 +193,24 @@ class ResponseCache:
         self.stats.hits += 1
         return answer
 
+    def _decode(self, key: str, data: bytes) -> CachedAnswer | None:
+        try:
+            return CachedAnswer.from_bytes(data, key=key)
+        except (ValueError, KeyError, TypeError, zlib.error) as exc:
+            self.stats.corrupt += 1
+            log.debug("cache: unreadable entry %s (%s)", key, exc)
+            return None
+
     async def put(self, key: str, answer: CachedAnswer, *, ttl: float | None = None) -> bool:
-        """Store `answer` for `ttl` seconds (None: `settings.ttl`); False when not stored."""
+        """Store `answer` for `ttl` seconds (None: `settings.ttl`); False when not stored. A
+        cross-process flight's lock on `key` goes once this is done, stored or not."""
+        try:
+            return await self._put(key, answer, ttl)
+        finally:
+            if self.shared_flights is not None:
+                self.shared_flights.unlock(key)
+
+    async def _put(self, key: str, answer: CachedAnswer, ttl: float | None) -> bool:
         data = answer.to_json(key)
         if len(data) > 32 * self.settings.max_item_bytes:  # hopeless even compressed
             self.stats.too_big += 1
@@ -200,14 +227,39 @@ class ResponseCache:
         self.stats.stores += ok
         return ok
 
-    async def join(self, key: str, *, deadline: float | None = None) -> Flight[CachedAnswer]:
-        """Enter the flight for `key` without a context manager (call `release()` yourself)."""
-        return await self.flights.join(key, deadline=deadline)
+    async def join(
+        self, key: str, *, deadline: float | None = None, shared: bool = True
+    ) -> Flight[CachedAnswer]:
+        """Enter the flight for `key` without a context manager (call `release()` yourself).
+
+        `shared` (the answer will be `put`): with a Redis store, this process's leader also
+        leads or waits for the flight across proxies."""
+        f = await self.flights.join(key, deadline=deadline)
+        if not f.leader or not shared or self.shared_flights is None:
+            return f
+        if await self.shared_flights.lead(key) is not False:
+            return f  # this proxy calls upstream (locked, or Redis can't say)
+        data = await self.shared_flights.wait(key, deadline or self.flights.deadline)
+        answer = self._decode(key, data) if data is not None else None
+        if answer is None:
+            return f  # the other proxy stored nothing in time: call upstream after all
+        f.publish(answer)  # this process's followers have it too
+        f.release()
+        return Flight(self.flights, key, result=answer)
 
     @asynccontextmanager
     async def flight(
-        self, key: str, *, deadline: float | None = None
+        self, key: str, *, deadline: float | None = None, shared: bool = True
     ) -> AsyncIterator[Flight[CachedAnswer]]:
         """See `singleflight`: `f.result` is a shared answer, or publish yours as the leader."""
-        async with self.flights.flight(key, deadline=deadline) as f:
+        f = await self.join(key, deadline=deadline, shared=shared)
+        try:
             yield f
+        finally:
+            f.release()
+
+    def _released(self, key: str, published: bool) -> None:
+        """A leader left its flight: without an answer, drop its cross-process lock now (with
+        one, `put` drops it once the answer is stored)."""
+        if not published and self.shared_flights is not None:
+            self.shared_flights.unlock(key)

@@ -6,11 +6,12 @@ the shared result. If the leader finishes without publishing (error, client gone
 misses its deadline, the waiting followers are released with no result and each proceeds on its
 own — a failing leader never makes its followers fail, and nobody waits longer than the deadline.
 
-Scope: one flight table per process. Processes sharing one Redis each make at most one upstream
-call per key at a time; there is deliberately no cross-process lock, because followers in other
-processes would have to poll Redis for the result (latency and load on every miss) to save at
-most one call per extra process. The shared Redis cache serves them all once the first answer is
-stored.
+Scope: one flight table per process. Across processes that share a Redis cache, the leader of
+each process's flight also takes part in `cache.shared_flight`: a short Redis lock per key, so
+one process calls upstream and the others' leaders wait (bounded) for its stored answer and
+hand it to their followers. That costs a miss one Redis round trip before the upstream call
+and saves an upstream call per extra process; `on_release` tells the cache when a leader leaves
+without publishing, so the lock can go at once.
 
 Usage (the engine)::
 
@@ -76,8 +77,9 @@ class Flight[T]:
         """Leave the flight; followers still waiting proceed on their own. Idempotent."""
         call, self._call = self._call, None
         if call is not None:
+            published = call.future.done()
             call.resolve(None)
-            self._owner._forget(self.key, call)
+            self._owner._forget(self.key, call, published)
 
 
 class SingleFlight[T]:
@@ -88,9 +90,12 @@ class SingleFlight[T]:
         *,
         deadline: float = DEFAULT_DEADLINE,
         share: Callable[[T], T] | None = None,
+        on_release: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.deadline = deadline
         self._share = share
+        self._on_release = on_release
+        """Called with (key, published) when a leader leaves its flight."""
         self._calls: dict[str, _Call[T]] = {}
         self.leaders = 0
         self.shared = 0
@@ -129,6 +134,8 @@ class SingleFlight[T]:
         finally:
             f.release()
 
-    def _forget(self, key: str, call: _Call[T]) -> None:
+    def _forget(self, key: str, call: _Call[T], published: bool) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
+        if self._on_release is not None:
+            self._on_release(key, published)

@@ -1,4 +1,8 @@
-"""Cooldowns: a deployment that keeps failing is skipped until it has rested."""
+"""Cooldowns: a deployment that keeps failing is skipped until it has rested.
+
+The decision is this process's own (its failures, its clock); `routing.shared_cooldowns` hands
+each one to the other proxies on the same Redis, which `adopt` it.
+"""
 
 from __future__ import annotations
 
@@ -55,6 +59,17 @@ class Cooldowns:
 
     def success(self, deployment_id: str) -> None:
         self._fails.pop(deployment_id, None)
+
+    def adopt(self, deployment_id: str, seconds: float) -> bool:
+        """Rest `deployment_id` for `seconds` because another proxy cooled it (no listeners: the
+        proxy that decided counts and alerts). True when this extended its rest."""
+        if seconds <= 0:
+            return False
+        until = self._clock() + seconds
+        if until <= self._until.get(deployment_id, 0.0):
+            return False
+        self._until[deployment_id] = until
+        return True
 
     def _cool(self, deployment_id: str, seconds: float, reason: str) -> None:
         if seconds <= 0:

@@ -6,7 +6,8 @@ Keys, under the cache namespace (`cache_params.namespace`, default `mitmroute`):
 - `<ns>:routing:usage:<minute>`: a hash, `<deployment id>:rpm` and `:tpm` -> count; expires
   after two minutes;
 - `<ns>:routing:latency:<kind>:<deployment id>`: a list of seconds, newest first, trimmed to
-  `max_latency_list_size`; expires `ttl` seconds after the last push.
+  `max_latency_list_size`; expires `ttl` seconds after the last push;
+- cooldowns: see `routing.shared_cooldowns` (same client and breaker).
 
 Redis never fails or stalls a request: a call has a 100 ms budget and on any failure returns
 None (the caller keeps its local state); writes go in the background. After `threshold`
@@ -149,7 +150,7 @@ class SharedState:
             await pipe.execute()
 
         if requests or tokens:
-            self._background(op)
+            self.background(op)
 
     def add_latency(
         self, deployment_id: str, kind: str, seconds: float, ttl: float, size: int
@@ -163,7 +164,7 @@ class SharedState:
             pipe.expire(key, max(1, math.ceil(ttl)))
             await pipe.execute()
 
-        self._background(op)
+        self.background(op)
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -173,7 +174,8 @@ class SharedState:
     def _latency_key(self, kind: str, deployment_id: str) -> str:
         return f"{self.prefix}:latency:{kind}:{deployment_id}"
 
-    def _background(self, op: Callable[[], Awaitable[Any]]) -> None:
+    def background(self, op: Callable[[], Awaitable[Any]]) -> None:
+        """Run `op` under the guard without waiting for it (nothing when the breaker is open)."""
         if self.breaker.is_open:
             return
         try:

@@ -2,9 +2,10 @@
 each one's requests and tokens this minute (limits), attempts in flight, recent latencies, the
 strategy that reads them, and the plans that use them all.
 
-With Redis in the config (`router_settings.redis_*`, or a Redis response cache), usage counts
-and latencies are shared by every proxy on it where the strategy or a deployment's rpm/tpm
-reads them (`routing.shared`); cooldowns and in-flight counts stay in this process.
+With Redis in the config (`router_settings.redis_*`, or a Redis response cache), cooldowns are
+shared by every proxy on it (`routing.shared_cooldowns`), and so are usage counts and latencies
+where the strategy or a deployment's rpm/tpm reads them (`routing.shared`); in-flight counts
+stay in this process.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mitmroute.routing.limits import DeploymentLimits
 from mitmroute.routing.picker import DeploymentPicker
 from mitmroute.routing.plan import RoutePlan
 from mitmroute.routing.shared import SharedState
+from mitmroute.routing.shared_cooldowns import SharedCooldowns
 from mitmroute.routing.strategy import (
     USAGE_BASED,
     LeastBusy,
@@ -65,10 +67,12 @@ class RoutingState:
         self.strategy = self._strategy(settings.routing_strategy, pricing)
         self.picker = DeploymentPicker(self.cooldowns, self.limits.at_limit, self.strategy)
         self.shared: SharedState | None = None
+        self.shared_cooldowns: SharedCooldowns | None = None
         target = redis_target(config)
-        reads_usage = any(map(self._shares_usage, config.deployments))
-        if share and target is not None and (self._shares_latency or reads_usage):
+        if share and target is not None:
             self.shared = SharedState.connect(target, config.cache.namespace)
+            ids = (d.id for d in config.deployments)
+            self.shared_cooldowns = SharedCooldowns(self.shared, self.cooldowns, ids, wall=wall)
 
     def _strategy(self, name: str, pricing: Pricing | None) -> Strategy:
         if name == "least-busy":
@@ -86,10 +90,14 @@ class RoutingState:
         return SimpleShuffle(self.rng)
 
     async def start(self) -> None:
+        if self.shared_cooldowns is not None:
+            self.shared_cooldowns.start()  # first: the warm connection below stays for requests
         if self.shared is not None:
             await self.shared.start()
 
     async def close(self) -> None:
+        if self.shared_cooldowns is not None:
+            await self.shared_cooldowns.close()
         if self.shared is not None:
             await self.shared.close()
 

@@ -12,7 +12,8 @@ Behaviour is chosen by the model name the proxy sends, so one fake serves every 
   slow-<ms>           streams one word every <ms> milliseconds (non-streamed: waits)
   break               streams two chunks, then drops the connection
   no-usage            answers without usage (streamed and not)
-  flaky-<n>           fails with 503 for the first <n> requests, then answers
+  flaky-<n>[-<tag>]   fails with 503 for the first <n> requests, then answers (a tag of
+                      its own gives a test a fresh count)
   leaky-<status>      answers <status> naming the key it received, as OpenAI does
                       ("Incorrect API key provided: Bearer sk-...")
   leaky-echo          answers "echo: <the key it received>" (streamed and not)
@@ -141,7 +142,7 @@ async def _fault(model: str, state: Behaviour, request: web.Request) -> web.Stre
     if model == "hang":
         await asyncio.sleep(20)
     if model.startswith("flaky-"):
-        left = state.flaky.setdefault(model, int(model.split("-", 1)[1]))
+        left = state.flaky.setdefault(model, int(model.split("-")[1]))
         if left > 0:
             state.flaky[model] = left - 1
             return web.json_response(

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from mitmroute.config import parse_config
 from mitmroute.exchange import Exchange, Usage
@@ -142,6 +143,16 @@ async def test_a_hung_redis_costs_a_request_at_most_its_budget_then_nothing():
         server.stop()
 
 
-def test_nothing_is_shared_where_nothing_reads_it():
-    raw = {"model_list": [entry("a"), entry("b")], "router_settings": {"redis_url": "redis://x"}}
-    assert RoutingState(parse_config(raw, environ={})).shared is None  # shuffle, no rpm/tpm
+async def test_only_cooldowns_are_shared_where_nothing_reads_usage_or_latency(redis):
+    [state] = proxies(redis.url, "simple-shuffle", [entry("a"), entry("b")], n=1)
+    await state.start()
+    try:
+        assert state.shared_cooldowns is not None
+        await answer(state, tokens=100)
+        assert state.shared is not None and state.shared.guard.errors == 0
+        client = aioredis.Redis.from_url(redis.url)
+        written = [k async for k in client.scan_iter(f"{state.shared.prefix}:*")]
+        await client.aclose()
+        assert written == []  # shuffle, no rpm/tpm: no usage or latency written
+    finally:
+        await state.close()
