@@ -54,6 +54,7 @@ def fleet_config(
     data_path: Path | None = None,
     redis_url: str | None = None,
     redis_namespace: str | None = None,
+    router_settings: dict[str, Any] | None = None,
     **general: Any,
 ) -> dict[str, Any]:
     """One config for every instance: the shared ledger and Redis the fleet uses."""
@@ -65,6 +66,8 @@ def fleet_config(
     if redis_url is not None:
         cache_params = {"type": "redis", "url": redis_url, "namespace": redis_namespace}
         config["litellm_settings"] = {"cache_params": cache_params}
+    if router_settings is not None:
+        config["router_settings"] = router_settings
     return config
 
 

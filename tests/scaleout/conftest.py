@@ -38,18 +38,24 @@ def redis_namespace() -> Iterator[str]:
 def start_fleet(
     confdir: Path, tmp_path: Path, pg_url: str, redis_namespace: str
 ) -> Iterator[Callable[..., Fleet]]:
-    """`start_fleet(model_list, size=3, **general_settings)`: `size` proxies on one config
+    """`start_fleet(model_list, size=3, router_settings=None, **general_settings)`: `size` proxies on one config
     whose ledger is this test's database and whose Redis is this test's namespace, behind
     HAProxy. Every fleet is stopped afterwards (before the namespace is cleaned)."""
     started: list[Fleet] = []
 
-    def start(model_list: list[dict[str, Any]], size: int = 3, **general: Any) -> Fleet:
+    def start(
+        model_list: list[dict[str, Any]],
+        size: int = 3,
+        router_settings: dict[str, Any] | None = None,
+        **general: Any,
+    ) -> Fleet:
         config = fleet_config(
             model_list,
             database_url=pg_url,
             data_path=tmp_path / "spend-data",
             redis_url=REDIS_URL,
             redis_namespace=redis_namespace,
+            router_settings=router_settings,
             **general,
         )
         fleet = Fleet(config, size, confdir, tmp_path / f"fleet{len(started)}")
