@@ -40,7 +40,8 @@ def start_fleet(
 ) -> Iterator[Callable[..., Fleet]]:
     """`start_fleet(model_list, size=3, router_settings=None, **general_settings)`: `size`
     proxies on one config whose ledger is this test's database and whose Redis is this test's
-    namespace, behind HAProxy. Every fleet is stopped afterwards (before the namespace is cleaned)."""
+    namespace, behind HAProxy. Every fleet is stopped afterwards (before the namespace is
+    cleaned)."""
     started: list[Fleet] = []
 
     def start(
