@@ -32,9 +32,7 @@ def calls(backend, model: str) -> int:
     return sum(1 for r in backend.state.requests if r.get("model") == model)
 
 
-def test_a_cooldown_decided_by_one_proxy_rests_the_deployment_on_every_proxy(
-    start_fleet, backend
-):
+def test_a_cooldown_decided_by_one_proxy_rests_the_deployment_on_every_proxy(start_fleet, backend):
     flaky = f"flaky-1-{uuid.uuid4().hex[:8]}"  # 503 once, then it would answer
     fleet = start_fleet(
         [
