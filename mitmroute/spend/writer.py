@@ -468,9 +468,6 @@ class SpendLog:
         self._schema_ready = False
         self._replay_due = False
         self._last_log: dict[str, float] = {}
-        self._instance: duckdb.DuckDBPyConnection | None = None
-        """An in-memory DuckDB the writer thread keeps and attaches the file to for each flush:
-        a new DuckDB instance per flush cost ~3x the CPU of the attach (function catalogs)."""
         self._troubled = False
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -703,7 +700,6 @@ class SpendLog:
                     self._drain()
                     self._spill_pending()
                     self._give_up()
-                    self._close_instance()
                     self._notify()
                     return
 
@@ -787,14 +783,9 @@ class SpendLog:
         con.execute("CHECKPOINT")
 
     def _release(self, con: duckdb.DuckDBPyConnection, ok: bool) -> None:
-        """After a flush: close the file again, for readers (detached, it is closed)."""
-        try:
-            con.execute("USE memory")
-            con.execute(f"DETACH {_ALIAS}")
-        except duckdb.Error:  # never keep the file open: drop the whole instance
-            self._instance = None
-            with contextlib.suppress(duckdb.Error):
-                con.close()
+        """After a flush: close the file again, for readers."""
+        with contextlib.suppress(duckdb.Error):
+            con.close()
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         schema.ensure_schema(con)
@@ -806,7 +797,7 @@ class SpendLog:
             try:
                 if not self.path.exists():
                     self._create()
-                con = self._attach()
+                con = duckdb.connect(str(self.path), config=self.config)
                 break
             except (duckdb.Error, OSError) as e:
                 error = e
@@ -820,27 +811,10 @@ class SpendLog:
                 schema.ensure_schema(con)
                 self._schema_ready = True
         except duckdb.Error as e:  # e.g. a read-only file system: treat like a busy file
-            self._release(con, False)
+            con.close()
             self._note_busy(e)
             raise _Busy(str(e)) from e
         return con
-
-    def _attach(self) -> duckdb.DuckDBPyConnection:
-        """The writer's DuckDB with the file attached read-write and in use."""
-        if self._instance is None:
-            self._instance = duckdb.connect(":memory:", config=self.config)
-        con = self._instance
-        path = str(self.path).replace("'", "''")
-        con.execute(f"ATTACH '{path}' AS {_ALIAS}")
-        con.execute(f"USE {_ALIAS}")
-        return con
-
-    def _close_instance(self) -> None:
-        """At the end of the writer thread: the in-memory DuckDB goes too."""
-        instance, self._instance = self._instance, None
-        if instance is not None:
-            with contextlib.suppress(duckdb.Error):
-                instance.close()
 
     def _create(self) -> None:
         """Create the file under a temporary name and move it into place once complete: on a
@@ -1149,8 +1123,6 @@ def _new_lines(con: duckdb.DuckDBPyConnection, lines: list[Line]) -> list[Line]:
     return fresh
 
 
-_ALIAS = "spend_file"
-"""The name the file is attached under, in the writer's DuckDB, during a flush."""
 _LOG_SQL = schema.insert_sql("spend_log", schema.SPEND_LOG)
 _ATTEMPTS_SQL = schema.insert_sql("spend_attempts", schema.SPEND_ATTEMPTS)
 _WINDOW_SQL = "started_at BETWEEN CAST(? AS TIMESTAMPTZ) AND CAST(? AS TIMESTAMPTZ) AND "
