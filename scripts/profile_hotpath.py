@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import pstats
 import ssl
 import subprocess
@@ -194,6 +195,19 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
     }
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of `pid`, by `name:tid` (the event loop is the process's own tid)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[f"{name}:{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def callgrind_zero(service: bench.Service) -> None:
     assert service.proc is not None
     subprocess.run(
@@ -317,6 +331,9 @@ def main() -> int:
                 s.wait_ready(300 if args.callgrind else 60)
             started = {t: procs[t].stats() for t in procs if t != "fake"}
             result = asyncio.run(load(procs, tmp / "bundle.pem", args))
+            result["threads_cpu_s"] = {
+                t: thread_cpu(procs[t].proc.pid) for t in started if procs[t].proc
+            }
             result["rss_at_start_mb"] = {t: s["VmRSS"] / 1024 for t, s in started.items()}
             result["peak_rss_mb"] = {t: procs[t].stats()["VmHWM"] / 1024 for t in started}
         finally:
@@ -358,6 +375,9 @@ def main() -> int:
             f"rounds {' '.join(f'{x:.1f}' for x in result['rss_mb'][t])}, "
             f"peak {result['peak_rss_mb'][t]:.1f}"
         )
+    for t, threads in result.get("threads_cpu_s", {}).items():
+        busy = sorted(threads.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{t:10s} CPU s by thread: " + ", ".join(f"{k} {v:.2f}" for k, v in busy))
     time.sleep(0.5)
     if args.cprofile:
         n = result["requests"] * 2 + 100  # chat + stream, with the warm-up
