@@ -175,17 +175,17 @@ class Deployment:
     weight: float = 1.0
     extra_headers: dict[str, str] = field(default_factory=dict)
     index: int = 0
+    id: str = field(init=False, repr=False, compare=False)
+    """A stable, readable identifier for logs and cooldown state (one per entry: two entries
+    differing only in their key are two deployments)."""
+    public_base: str = field(init=False, repr=False, compare=False)
+    """`api_base` without credentials or query: safe for clients, logs and the spend log."""
 
-    @property
-    def id(self) -> str:
-        """A stable, readable identifier for logs and cooldown state (one per entry: two
-        entries differing only in their key are two deployments)."""
-        return f"{self.litellm_model}@{self.public_base}#{self.index}"
-
-    @property
-    def public_base(self) -> str:
-        """`api_base` without credentials or query: safe for clients, logs and the spend log."""
-        return public_url(self.api_base)
+    def __post_init__(self) -> None:
+        # read on every attempt, in routing and in the books: parse the URL once, not each time
+        public_base = public_url(self.api_base)
+        object.__setattr__(self, "public_base", public_base)
+        object.__setattr__(self, "id", f"{self.litellm_model}@{public_base}#{self.index}")
 
 
 @dataclass(frozen=True, slots=True)

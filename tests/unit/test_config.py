@@ -137,3 +137,31 @@ def test_defaults_without_a_file():
 )
 def test_durations(text, seconds):
     assert parse_duration(text, "x") == seconds
+
+
+def test_deployment_id_and_public_base_are_fixed_at_load_without_credentials() -> None:
+    """Computed once per deployment (they are read on every attempt), never holding the
+    URL's userinfo or query; two entries differing in their key stay two deployments."""
+    from mitmroute.config import Deployment
+
+    raw = {
+        "model_list": [
+            {
+                "model_name": "g",
+                "litellm_params": {
+                    "model": "openai/m",
+                    "api_base": "https://user:pw@llm.example:8443/v1?token=s3cret",
+                    "api_key": key,
+                },
+            }
+            for key in ("sk-one", "sk-two")
+        ]
+    }
+    first, second = parse_config(raw).deployments
+    assert first.public_base == "https://llm.example:8443/v1"
+    assert first.id == "openai/m@https://llm.example:8443/v1#0"
+    assert second.id.endswith("#1") and first.id != second.id
+    assert "pw" not in first.id and "s3cret" not in first.id
+    made = Deployment("g", "openai", "m", "openai/m", "http://h/v1", index=3)
+    assert (made.id, made.public_base) == ("openai/m@http://h/v1#3", "http://h/v1")
+    assert made == Deployment("g", "openai", "m", "openai/m", "http://h/v1", index=3)

@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Where a routed request's CPU and the proxy's memory go, A/B against bare mitmdump.
+
+    .venv/bin/python scripts/profile_hotpath.py [--requests N] [--rounds R] [--cprofile]
+                                                [--memory] [--out DIR]
+
+Starts `scripts/bench.py`'s fake OpenAI backend, a bare mitmdump (the host rewrite only) and
+mitmroute (spend log on, no cache), drives the same requests through each at concurrency 1,
+chat and streamed, the targets interleaved over rounds, and prints the proxy process's CPU
+(utime + stime from /proc) per request and its RSS. That is repeatable enough on a busy machine
+because it counts the proxy's own CPU, not the wall clock.
+
+`--cprofile` runs mitmroute's event loop under cProfile (scripts/profile_addon.py) and prints
+self time per component (mitmroute module, library, mitmproxy) in µs per request; `--memory`
+runs it with tracemalloc and prints the top allocation sites after the load. Both slow the
+proxy: their CPU figures are for shares, not for the ratio to bare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import pstats
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+assert _spec and _spec.loader
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench"] = bench
+_spec.loader.exec_module(bench)
+
+KEY = "sk-profile-0123456789abcdef"
+KINDS = ("chat", "stream")
+OUT_DIR = Path(tempfile.gettempdir())
+
+
+def services(tmp: Path, args: argparse.Namespace) -> dict[str, bench.Service]:
+    import yaml
+
+    fake_port = bench.free_port()
+    backend = f"http://127.0.0.1:{fake_port}"
+    out = {
+        "fake": bench.Service(
+            "fake",
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "bench.py"),
+                "--serve-fake",
+                str(fake_port),
+                "--stream-gap-ms",
+                "0",
+            ],
+            fake_port,
+            tmp / "fake.log",
+        )
+    }
+
+    def mitmdump(name: str, scripts: list[str], *options: str, env: dict | None = None) -> None:
+        port = bench.free_port()
+        argv = [bench.MITMDUMP]
+        if args.callgrind:  # instruction counts: repeatable on a busy machine, ~50x slower
+            argv = [
+                "valgrind",
+                "--tool=callgrind",
+                "--dump-instr=no",
+                "--collect-systime=no",
+                f"--callgrind-out-file={args.out / name}.callgrind.%p",
+                *argv,
+            ]
+        for script in scripts:
+            argv += ["-s", script]
+        for option in options:
+            argv += ["--set", option]
+        argv += [
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={tmp}",
+            *bench.QUIET,
+        ]
+        out[name] = bench.Service(name, argv, port, tmp / f"{name}.log", env or {})
+
+    config = bench.bench_config(backend, {"spend_db": str(tmp / "spend.duckdb")}, None)
+    (tmp / "mitmroute.yaml").write_text(yaml.safe_dump(config))
+    targets = {
+        "bare": (
+            ROOT,
+            [str(ROOT / "scripts" / "bench_rewrite_addon.py")],
+            [f"bench_upstream={backend}", "connection_strategy=lazy"],
+        ),
+        "mitmroute": (
+            ROOT,
+            [str(ROOT / "addons" / "router.py")],
+            [f"router_config={tmp / 'mitmroute.yaml'}"],
+        ),
+    }
+    if args.baseline:  # the same config through another checkout: A/B of a change
+        targets["baseline"] = (
+            args.baseline,
+            [str(args.baseline / "addons" / "router.py")],
+            [f"router_config={tmp / 'mitmroute.yaml'}"],
+        )
+    for name, (root, scripts, options) in targets.items():
+        env: dict[str, str] = {"PYTHONPATH": str(root)}
+        if args.cprofile or args.memory:
+            scripts.insert(0, str(ROOT / "scripts" / "profile_addon.py"))
+            options += [
+                f"profile_out={args.out / name}",
+                f"profile_cpu={str(args.cprofile).lower()}",
+                f"profile_memory={str(args.memory).lower()}",
+            ]
+            if args.memory:
+                env["PYTHONTRACEMALLOC"] = "1"
+        mitmdump(name, scripts, *options, env=env)
+    return out
+
+
+async def drive(session, url: str, kwargs: dict, stream: bool, n: int) -> int:
+    """n requests one at a time; the number that failed."""
+    body = json.dumps(
+        {
+            "model": "bench",
+            "stream": stream,
+            "messages": [{"role": "user", "content": "echo the quick fox"}],
+        }
+    )
+    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
+    failed = 0
+    for _ in range(n):
+        async with session.post(url, data=body, headers=headers, **kwargs) as resp:
+            data = await resp.read()
+            ok = resp.status == 200 and (
+                data.rstrip().endswith(b"[DONE]") if stream else b'"choices"' in data
+            )
+            failed += not ok
+    return failed
+
+
+async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Namespace) -> dict:
+    import aiohttp
+
+    ctx = ssl.create_default_context(cafile=str(bundle))
+    targets = [t for t in procs if t != "fake"]
+    cpu: dict[tuple[str, str], list[float]] = {(t, k): [] for t in targets for k in KINDS}
+    failed = 0
+    rss: dict[str, list[float]] = {t: [] for t in targets}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4, ssl=ctx)) as session:
+        url = "https://api.openai.com/v1/chat/completions"
+
+        def kw(t: str) -> dict:
+            return {"proxy": f"http://127.0.0.1:{procs[t].port}", "ssl": ctx}
+
+        for t in targets:  # warm-up: connections, certificates, first-use imports
+            for stream in (False, True):
+                failed += await drive(session, url, kw(t), stream, 50)
+            rss[t].append(procs[t].stats()["VmRSS"] / 1024)
+        if args.callgrind:
+            for t in targets:
+                for kind in KINDS:
+                    instructions = callgrind_zero(procs[t])
+                    failed += await drive(session, url, kw(t), kind == "stream", args.requests)
+                    instructions = callgrind_total(procs[t])
+                    cpu[t, kind].append(instructions / args.requests / 1000)
+            return {
+                "instructions_k": {f"{t}/{k}": v for (t, k), v in cpu.items()},
+                "rss_mb": rss,
+                "failed": failed,
+                "requests": args.requests,
+            }
+        for r in range(args.rounds):
+            for t in targets[r % len(targets) :] + targets[: r % len(targets)]:
+                for kind in KINDS:
+                    before = procs[t].stats()["cpu"]
+                    failed += await drive(session, url, kw(t), kind == "stream", args.requests)
+                    used = procs[t].stats()["cpu"] - before
+                    cpu[t, kind].append(used * 1e6 / args.requests)
+                rss[t].append(procs[t].stats()["VmRSS"] / 1024)
+    return {
+        "cpu_us": {f"{t}/{k}": v for (t, k), v in cpu.items()},
+        "rss_mb": rss,
+        "failed": failed,
+        "requests": args.requests * args.rounds,
+    }
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of `pid`, by `name:tid` (the event loop is the process's own tid)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[f"{name}:{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def callgrind_zero(service: bench.Service) -> None:
+    assert service.proc is not None
+    subprocess.run(
+        ["callgrind_control", "-z", str(service.proc.pid)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def callgrind_total(service: bench.Service) -> int:
+    """Instructions executed since the last zero, from a fresh dump's `totals:` line."""
+    assert service.proc is not None
+    done = subprocess.run(
+        ["callgrind_control", "-d", str(service.proc.pid)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    del done
+    pattern = f"*.callgrind.{service.proc.pid}.*"
+    newest = max(OUT_DIR.glob(pattern), key=lambda p: p.stat().st_mtime)
+    for line in newest.read_text().splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {newest}")
+
+
+def component(filename: str) -> str:
+    """A name for the part of the stack a function's file belongs to."""
+    path = filename.replace("\\", "/")
+    if "/mitmroute/" in path and "site-packages" not in path:
+        rel = path.split("/mitmroute/", 1)[1].removesuffix(".py")
+        return "mitmroute." + rel.replace("/", ".")
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+    if path.startswith("~") or path.startswith("<"):
+        return "builtins"
+    if "/lib/python3" in path:
+        rest = path.split("/lib/python3", 1)[1].split("/", 1)[1]
+        return "stdlib." + rest.split("/", 1)[0].removesuffix(".py")
+    return path
+
+
+IDLE = {"<method 'poll' of 'select.epoll' objects>", "<method 'acquire' of '_thread.lock' objects>"}
+"""Waiting, not working: cProfile's clock is the wall clock."""
+
+
+def self_times(path: Path) -> dict[str, float]:
+    """Seconds of self time per component, idle waits left out."""
+    own: dict[str, float] = {}
+    stats = pstats.Stats(str(path))
+    for (filename, _, func), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if func not in IDLE:
+            name = component(filename)
+            own[name] = own.get(name, 0.0) + tottime
+    return own
+
+
+def cprofile_table(out: Path, n: int, top: int) -> str:
+    bare, own = self_times(out / "bare.pstats"), self_times(out / "mitmroute.pstats")
+    total_bare, total = sum(bare.values()), sum(own.values())
+    lines = [
+        f"self time by component, µs per request ({n} requests; profiled, so slower): "
+        f"bare {total_bare * 1e6 / n:.0f}, mitmroute {total * 1e6 / n:.0f}",
+        "     bare  mitmroute      +  component",
+    ]
+    names = sorted(set(own) | set(bare), key=lambda k: -abs(own.get(k, 0) - bare.get(k, 0)))
+    for name in names[:top]:
+        b, m = bare.get(name, 0.0) * 1e6 / n, own.get(name, 0.0) * 1e6 / n
+        lines.append(f"{b:9.1f}  {m:9.1f} {m - b:+7.1f}  {name}")
+    stats = pstats.Stats(str(out / "mitmroute.pstats"))
+    lines.append("\ncumulative, mitmroute hooks and hot functions, µs per request")
+    hot = []
+    for (filename, line, func), (_, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/mitmroute/" in filename and "site-packages" not in filename:
+            hot.append((cum, f"{component(filename)}:{line} {func}"))
+    for cum, name in sorted(hot, reverse=True)[:top]:
+        lines.append(f"{cum * 1e6 / n:9.1f}  {name}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=100, help="per kind, target and round")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--memory", action="store_true")
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="count instructions (valgrind) instead of CPU time; one round",
+    )
+    p.add_argument("--baseline", type=Path, help="another checkout (e.g. /work/main) to A/B")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "profile-hotpath")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    global OUT_DIR
+    OUT_DIR = args.out
+    with tempfile.TemporaryDirectory(prefix="mitmroute-profile-") as tmpdir:
+        tmp = Path(tmpdir)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "scripts" / "ca_bundle.py"),
+                "--confdir",
+                str(tmp),
+                "--out",
+                str(tmp / "bundle.pem"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        procs = services(tmp, args)
+        try:
+            for s in procs.values():
+                s.start()
+            for s in procs.values():
+                s.wait_ready(300 if args.callgrind else 60)
+            started = {t: procs[t].stats() for t in procs if t != "fake"}
+            result = asyncio.run(load(procs, tmp / "bundle.pem", args))
+            result["threads_cpu_s"] = {
+                t: thread_cpu(procs[t].proc.pid) for t in started if procs[t].proc
+            }
+            result["rss_at_start_mb"] = {t: s["VmRSS"] / 1024 for t, s in started.items()}
+            result["peak_rss_mb"] = {t: procs[t].stats()["VmHWM"] / 1024 for t in started}
+        finally:
+            for s in reversed(procs.values()):
+                s.stop()
+    if args.callgrind:
+        counts = result["instructions_k"]
+        print(
+            f"{result['requests']} requests per kind and target; thousands of instructions "
+            "per request (all threads)"
+        )
+        for kind in KINDS:
+            bare = counts[f"bare/{kind}"][0]
+            for t in (t for t in procs if t not in {"fake", "bare"}):
+                mr = counts[f"{t}/{kind}"][0]
+                print(
+                    f"{kind:6s} bare {bare:8.0f}  {t} {mr:8.0f} = {mr / bare:.3f}x "
+                    f"(+{mr - bare:.0f})"
+                )
+        (args.out / "result.json").write_text(json.dumps(result, indent=2))
+        return 0
+    cpu = result["cpu_us"]
+    print(
+        f"{result['requests']} requests per kind and target, {result['failed']} failed; "
+        "CPU µs/request: median of the rounds [min..max]; ratio: median of per-round ratios"
+    )
+    for kind in KINDS:
+        for t in (t for t in procs if t not in {"fake", "bare"}):
+            bare, mr = cpu[f"bare/{kind}"], cpu[f"{t}/{kind}"]
+            ratios = [m / b for m, b in zip(mr, bare, strict=True)]
+            print(
+                f"{kind:6s} bare {median(bare):6.0f} [{min(bare):.0f}..{max(bare):.0f}]  "
+                f"{t} {median(mr):6.0f} [{min(mr):.0f}..{max(mr):.0f}]  "
+                f"= {median(ratios):.2f}x (+{median(mr) - median(bare):.0f})"
+            )
+    for t in (t for t in procs if t != "fake"):
+        print(
+            f"{t:10s} RSS MB at start {result['rss_at_start_mb'][t]:.1f}, after warm-up and "
+            f"rounds {' '.join(f'{x:.1f}' for x in result['rss_mb'][t])}, "
+            f"peak {result['peak_rss_mb'][t]:.1f}"
+        )
+    for t, threads in result.get("threads_cpu_s", {}).items():
+        busy = sorted(threads.items(), key=lambda kv: -kv[1])[:6]
+        print(f"{t:10s} CPU s by thread: " + ", ".join(f"{k} {v:.2f}" for k, v in busy))
+    time.sleep(0.5)
+    if args.cprofile:
+        n = result["requests"] * 2 + 100  # chat + stream, with the warm-up
+        print()
+        print(cprofile_table(args.out, n, args.top))
+    if args.memory and (mem := args.out / "mitmroute.mem.txt").exists():
+        print()
+        print("\n".join(mem.read_text().splitlines()[: args.top + 1]))
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
