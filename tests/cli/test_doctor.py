@@ -101,7 +101,7 @@ def cells(row: list[str]) -> list[str]:
 
 
 def test_doctor_names_a_dead_deployment_a_refused_key_and_a_missing_model(
-    listing, backend, tmp_path
+    listing, backend, tmp_path, confdir
 ):
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     config = {
@@ -115,7 +115,8 @@ def test_doctor_names_a_dead_deployment_a_refused_key_and_a_missing_model(
         ],
         "general_settings": {"spend_db": str(tmp_path / "spend.duckdb")},
     }
-    out = mitmroute("doctor", "--config", write(tmp_path / "c.yaml", config), "--no-proxy")
+    config_path = write(tmp_path / "c.yaml", config)
+    out = mitmroute("doctor", "--config", config_path, "--no-proxy", "--confdir", str(confdir))
     assert out.returncode == 1, out.stdout + out.stderr
     table = rows(out.stdout)
     live = cells(table["live"])
