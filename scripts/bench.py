@@ -230,7 +230,7 @@ class Service:
 
 
 def bench_config(backend: str, general: dict[str, Any], cache: dict | None,
-                 ticks_model: str | None) -> dict[str, Any]:
+                 ticks_model: str | None = None) -> dict[str, Any]:
     def dep(group: str, model: str) -> dict[str, Any]:
         return {"model_name": group, "litellm_params": {
             "model": f"openai/{model}", "api_base": f"{backend}/v1", "api_key": "sk-fake"}}
