@@ -134,6 +134,12 @@ def test_a_proxy_killed_under_load_costs_only_its_last_flush_and_the_others_carr
         deadline = time.monotonic() + 60
         while served(fleet, load, victim.name) < 60 and time.monotonic() < deadline:
             time.sleep(0.2)
+        # ... and its writer has committed some of them (its first flush, which attaches the
+        # ledger, can take seconds on a loaded machine)
+        while time.monotonic() < deadline and not committed(
+            fleet, load, victim.name, pg_url, tmp_path / "spend-data"
+        ):
+            time.sleep(0.3)
         killed_at = time.time()
         fleet.kill(1)
         taken_out = fleet.wait_state(1, "DOWN", timeout=5)  # a dead proxy leaves the pool fast
@@ -180,6 +186,12 @@ def test_a_proxy_killed_under_load_costs_only_its_last_flush_and_the_others_carr
     # restarted, it is back in the pool, and its answers are in the ledger
     again = [a for a in load.answered_between(back_at, time.time()) if by[a.user] == victim.name]
     assert again and all(a.user in stored for a in again)
+
+
+def committed(fleet: Fleet, load: Load, server: str, pg_url: str, data_path: Path) -> bool:
+    """Are some of `server`'s answers in the shared ledger already?"""
+    mine = {u for u, s in served_by(fleet, list(load.answers)).items() if s == server}
+    return bool(mine & set(ledger_rows(pg_url, data_path)))
 
 
 def served(fleet: Fleet, load: Load, server: str) -> int:
