@@ -13,6 +13,7 @@ import anthropic
 import duckdb
 import httpx2 as httpx
 import pytest
+import redis as redis_lib
 
 from tests.conftest import Proxy, deployment
 from tests.fakes.anthropic_server import FakeAnthropic
@@ -204,6 +205,14 @@ def test_sessions_are_shared_by_two_proxies_on_one_redis(start_proxy, ollama, cl
         one, two = start_proxy(config), start_proxy(config)
         session = {"x-session-id": "shared"}
         assert ask(one, HARD, extra_headers=session)[0]["x-mitmroute-tier"] == "COMPLEX"
+        # the session's tier is in Redis (each call has 50 ms: on a loaded machine a late one
+        # leaves stickiness to the process, so ask again until it lands)
+        shared = redis_lib.Redis(port=redis.port)
+        for _ in range(20):
+            if shared.keys("*:tier-session:*"):
+                break
+            ask(one, HARD, extra_headers=session)
+        shared.close()
         headers, _ = ask(two, EASY, extra_headers=session)
         assert headers["x-mitmroute-route-reason"] == "classifier+session"
         redis.kill()  # Redis gone: requests are still answered, stickiness stays per process
