@@ -71,7 +71,35 @@ def confdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-class Proxy:
+class ProxyClients:
+    """Clients through a proxy address (`url`) that intercepts with the CA in `confdir`."""
+
+    confdir: Path
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def ca_bundle(self) -> str:
+        return str(self.confdir / "bundle.pem")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_bundle)
+
+    def http(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(proxy=self.url, verify=self.ssl_context(), timeout=30, **kwargs)
+
+    def client(self, api_key: str = "sk-client-key", **kwargs: Any) -> openai.OpenAI:
+        """The official openai SDK, pointed at api.openai.com through this proxy."""
+        return openai.OpenAI(api_key=api_key, max_retries=0, http_client=self.http(), **kwargs)
+
+    def async_client(self, api_key: str = "sk-client-key", **kwargs: Any) -> openai.AsyncOpenAI:
+        http = httpx.AsyncClient(proxy=self.url, verify=self.ssl_context(), timeout=30)
+        return openai.AsyncOpenAI(api_key=api_key, max_retries=0, http_client=http, **kwargs)
+
+
+class Proxy(ProxyClients):
     """A running `mitmdump -s addons/router.py` with its own config file."""
 
     def __init__(
@@ -125,29 +153,11 @@ class Proxy:
         return f"http://127.0.0.1:{self.port}"
 
     @property
-    def ca_bundle(self) -> str:
-        return str(self.confdir / "bundle.pem")
-
-    @property
     def spend_db(self) -> Path:
         return self.workdir / "spend.duckdb"
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_bundle)
-
-    def http(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(proxy=self.url, verify=self.ssl_context(), timeout=30, **kwargs)
-
-    def client(self, api_key: str = "sk-client-key", **kwargs: Any) -> openai.OpenAI:
-        """The official openai SDK, pointed at api.openai.com through this proxy."""
-        return openai.OpenAI(api_key=api_key, max_retries=0, http_client=self.http(), **kwargs)
-
-    def async_client(self, api_key: str = "sk-client-key", **kwargs: Any) -> openai.AsyncOpenAI:
-        http = httpx.AsyncClient(proxy=self.url, verify=self.ssl_context(), timeout=30)
-        return openai.AsyncOpenAI(api_key=api_key, max_retries=0, http_client=http, **kwargs)
 
     def stop(self, sig: int | None = None) -> int | None:
         if self.proc.poll() is None:

@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,11 +34,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
-import openai
 import yaml
 
-from tests.conftest import MITMDUMP, ROOT, Proxy, free_port, wait_for_port
+from tests.conftest import MITMDUMP, ROOT, Proxy, ProxyClients, free_port, wait_for_port
 
 HAPROXY_TEMPLATE = ROOT / "deploy" / "haproxy.cfg"
 BACKEND = "mitmroute"
@@ -292,7 +289,7 @@ class HAProxy:
         return self.proc.returncode
 
 
-class Fleet:
+class Fleet(ProxyClients):
     """`size` instances on one config file and one confdir (CA), behind one HAProxy."""
 
     def __init__(
@@ -345,20 +342,6 @@ class Fleet:
     def url(self) -> str:
         """The balancer's address: what apps get as HTTPS_PROXY."""
         return f"http://127.0.0.1:{self.balancer.port}"
-
-    @property
-    def ca_bundle(self) -> str:
-        return str(self.confdir / "bundle.pem")
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=self.ca_bundle)
-
-    def http(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(proxy=self.url, verify=self.ssl_context(), timeout=30, **kwargs)
-
-    def client(self, api_key: str = "sk-client-key", **kwargs: Any) -> openai.OpenAI:
-        """The official openai SDK, calling api.openai.com through the balancer."""
-        return openai.OpenAI(api_key=api_key, max_retries=0, http_client=self.http(), **kwargs)
 
     # --- one instance ---------------------------------------------------------------------
 
