@@ -92,7 +92,7 @@ def services(tmp: Path, args: argparse.Namespace) -> dict[str, bench.Service]:
         ]
         out[name] = bench.Service(name, argv, port, tmp / f"{name}.log", env or {})
 
-    config = bench.bench_config(backend, {"spend_db": str(tmp / "spend.duckdb")}, None)
+    config = bench.bench_config(backend, {"spend_db": str(tmp / "spend.duckdb")}, None, None)
     (tmp / "mitmroute.yaml").write_text(yaml.safe_dump(config))
     targets = {
         "bare": (
