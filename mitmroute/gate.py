@@ -23,6 +23,7 @@ Paths are matched in canonical form (:func:`canonical_path`), so spellings such 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import posixpath
 import re
 from dataclasses import dataclass
@@ -84,9 +85,11 @@ def canonical_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical_path(target: str) -> str:
     """Percent-decode, resolve `.` and `..`, collapse slashes, lower-case a `/v1` prefix; and
     lower-case the whole path when that spells a route the proxy knows. The query is kept.
+    Remembered: clients send the same few targets (a refused one is worked out each time).
 
     Raises BadPath for a target that is not an absolute path of safe characters once decoded
     (double encoding, `;` parameters, backslashes, control characters, non-ASCII).
