@@ -368,3 +368,5 @@ def test_a_remembered_canonical_path_refuses_a_bad_target_every_time() -> None:
             canonical_path("/v1/chat/%ff")
         with pytest.raises(BadPath):
             canonical_path("/v1/chat;x/completions")
+        long = "/v1/" + "a/" * 200 + "../" * 200 + "chat/completions"  # too long to remember
+        assert canonical_path(long + "?q=" + "x" * 5000) == "/v1/chat/completions?q=" + "x" * 5000
