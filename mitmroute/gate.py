@@ -23,6 +23,7 @@ Paths are matched in canonical form (:func:`canonical_path`), so spellings such 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import posixpath
 import re
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ def canonical_host(host: str) -> str:
     return host.strip().rstrip(".").lower()
 
 
+REMEMBERED_PATH_CHARS = 256
+"""Paths up to this long are remembered (1024 of them): clients send the same few."""
+
+
 def canonical_path(target: str) -> str:
     """Percent-decode, resolve `.` and `..`, collapse slashes, lower-case a `/v1` prefix; and
     lower-case the whole path when that spells a route the proxy knows. The query is kept.
@@ -92,6 +97,13 @@ def canonical_path(target: str) -> str:
     (double encoding, `;` parameters, backslashes, control characters, non-ASCII).
     """
     path, sep, query = target.partition("?")
+    if len(path) <= REMEMBERED_PATH_CHARS:
+        return _remembered_path(path) + sep + query
+    return _canonical(path) + sep + query
+
+
+def _canonical(path: str) -> str:
+    """`canonical_path` of a target without its query."""
     if not path.startswith("/"):
         raise BadPath("the request path must start with /")
     try:
@@ -111,7 +123,11 @@ def canonical_path(target: str) -> str:
         canonical = known
     elif trailing and canonical != "/":
         canonical += "/"
-    return canonical + sep + query
+    return canonical
+
+
+_remembered_path = functools.lru_cache(maxsize=1024)(_canonical)
+"""`_canonical`, remembered (a refused path raises each time: exceptions are not kept)."""
 
 
 def dialect_of(host: str, path: str = "") -> str:

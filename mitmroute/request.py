@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,7 +107,7 @@ def new_exchange(request: ClientRequest, endpoint: str) -> Exchange:
     key = client_key(request.headers)
     tags = [t.strip() for t in request.headers.get("x-mitmroute-tags", "").split(",") if t.strip()]
     return Exchange(
-        request_id=f"mr-{uuid.uuid4().hex}",
+        request_id=new_request_id(),
         started_at=now_utc(),
         endpoint=endpoint,
         api_key_hash=identity.get("api_key_hash") or (hash_key(key) if key else None),
@@ -116,6 +116,15 @@ def new_exchange(request: ClientRequest, endpoint: str) -> Exchange:
         tags=tags,
         clock_start=time.perf_counter(),
     )
+
+
+def new_request_id() -> str:
+    """`mr-` and a random version-4 UUID's hex, without building a `uuid.UUID` (a third of
+    a request's bookkeeping)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    return "mr-" + raw.hex()
 
 
 def endpoint_name(path: str) -> str:

@@ -152,7 +152,7 @@ def run_fleet(args: argparse.Namespace, tmp: Path, database_url: str) -> dict[st
         check=True, capture_output=True,
     )  # fmt: skip
     general = {"database_url": database_url, "spend_data_path": str(tmp / "spend-data")}
-    config = bench.bench_config(f"http://127.0.0.1:{fake_port}", general, None)
+    config = bench.bench_config(f"http://127.0.0.1:{fake_port}", general, None, None)
     fleet = Fleet(config, args.proxies, confdir, tmp / "fleet", quiet=True)
     sizes = list(range(1, args.proxies + 1))
     samples = {k: bench.Samples() for k in sizes}

@@ -43,13 +43,31 @@ def client_request(flow: http.HTTPFlow) -> ClientRequest:
     return ClientRequest(
         method=flow.request.method,
         path=flow.request.path,
-        headers={k.lower(): v for k, v in flow.request.headers.items()},
+        headers=header_dict(flow.request.headers),
         body=flow.request.raw_content or b"",
         identity=flow.metadata.get(IDENTITY_KEY, {}),
         scheme=flow.request.scheme,
         host=canonical_host(flow.request.host),
         port=flow.request.port,
     )
+
+
+def header_dict(headers: http.Headers) -> dict[str, str]:
+    """`{name.lower(): value}`, a repeated name's values folded with ", " as `Headers` does,
+    in one pass over the raw fields (`Headers.items()` rescans all of them for every name)."""
+    grouped: dict[bytes, tuple[bytes, list[bytes]]] = {}
+    for name, value in headers.fields:
+        key = name.lower()
+        if key in grouped:
+            grouped[key][1].append(value)
+        else:
+            grouped[key] = (name, [value])
+    return {
+        name.decode("utf-8", "surrogateescape").lower(): ", ".join(
+            [v.decode("utf-8", "surrogateescape") for v in values]
+        )
+        for name, values in grouped.values()
+    }
 
 
 def dialect(flow: http.HTTPFlow) -> str:

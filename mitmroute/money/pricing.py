@@ -43,6 +43,8 @@ _CONTEXT = Context(prec=40)
 _DATE = re.compile(r"-(\d{8}|\d{4}-\d{2}-\d{2}|\d{4})$")
 _SUFFIX = re.compile(r"(-v\d+(:\d+)?|:\d+|-latest|-0)$")
 _VENDOR = re.compile(r"^([a-z]{2}\.)?(anthropic|openai)\.")
+MERGED_MEMO_SIZE = 4096
+"""Merged rates a price book remembers, per (provider, model, deployment); then it starts over."""
 
 
 class PriceError(ValueError):
@@ -215,6 +217,8 @@ class PriceBook:
         self._tables = tables
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+        self._memo: dict[tuple[str, str, int], tuple[Deployment | None, Rates]] = {}
+        """Merged rates by (provider, model, id(deployment)): the tables never change."""
 
     @classmethod
     def builtin(cls) -> PriceTable:
@@ -244,6 +248,18 @@ class PriceBook:
         return merged if merged.complete else None
 
     def _merged(self, provider: str, model: str, deployment: Deployment | None) -> Rates:
+        """`_merge`, remembered: every request of a deployment asks the same question."""
+        key = (provider, model, id(deployment))
+        known = self._memo.get(key)
+        if known is not None and known[0] is deployment:
+            return known[1]
+        merged = self._merge(provider, model, deployment)
+        if len(self._memo) >= MERGED_MEMO_SIZE:
+            self._memo.clear()
+        self._memo[key] = (deployment, merged)  # holds the deployment: its id stays its own
+        return merged
+
+    def _merge(self, provider: str, model: str, deployment: Deployment | None) -> Rates:
         merged = _deployment_rates(deployment) or Rates()
         if deployment is not None:
             provider = provider or deployment.provider

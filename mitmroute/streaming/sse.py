@@ -10,6 +10,8 @@ from mitmroute import errors
 from mitmroute.exchange import Usage
 
 DONE = b"data: [DONE]\n\n"
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+"""`json.dumps(x, separators=...)` builds a new encoder on every call: one, built once."""
 
 
 @dataclass(slots=True)
@@ -65,7 +67,7 @@ def _parse_block(block: str) -> Event | None:
 
 def encode(chunk: dict[str, Any]) -> bytes:
     """One `data: {...}` event."""
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _COMPACT(chunk).encode() + b"\n\n"
 
 
 def encode_error(message: str, *, etype: str = "server_error", code: str | None = None) -> bytes:

@@ -357,3 +357,16 @@ def test_a_passed_through_answer_arrives_unchanged_and_is_logged(gated, origin):
     assert seen.headers["x-custom"] == "1"
     logged = spend_rows(proxy, "select endpoint, deployment, status_code from spend_log")
     assert logged == [("files", "passthrough/files", 200)]
+
+
+def test_a_remembered_canonical_path_refuses_a_bad_target_every_time() -> None:
+    """canonical_path is remembered per target: a good one answers the same each time; a bad
+    one raises each time (an exception is never remembered as an answer)."""
+    for _ in range(3):
+        assert canonical_path("/V1//chat/./completions?x=1") == "/v1/chat/completions?x=1"
+        with pytest.raises(BadPath):
+            canonical_path("/v1/chat/%ff")
+        with pytest.raises(BadPath):
+            canonical_path("/v1/chat;x/completions")
+        long = "/v1/" + "a/" * 200 + "../" * 200 + "chat/completions"  # too long to remember
+        assert canonical_path(long + "?q=" + "x" * 5000) == "/v1/chat/completions?q=" + "x" * 5000

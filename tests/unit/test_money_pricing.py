@@ -181,3 +181,15 @@ def test_one_price_book_per_config():
     config = parse_config({})
     assert Pricing.for_config(config) is Pricing.for_config(config)
     assert Pricing.for_config(parse_config({})) is not Pricing.for_config(config)
+
+
+def test_remembered_rates_belong_to_the_deployment_asked_about(book: PriceBook) -> None:
+    """The book remembers merged rates per deployment: two deployments of one model with
+    different overrides keep their own prices however often and in whatever order asked."""
+    usage = Usage(prompt_tokens=1000, completion_tokens=100)
+    cheap = dep(input_cost_per_token=0.000001, output_cost_per_token=0.000002)
+    dear = dep(input_cost_per_token=0.00001, output_cost_per_token=0.00002)
+    for _ in range(3):
+        assert book.cost("openai", "gpt-4o", usage, cheap) == Decimal("0.0012")
+        assert book.cost("openai", "gpt-4o", usage, dear) == Decimal("0.012")
+        assert book.cost("openai", "gpt-4o", usage) == Decimal("0.0035")  # the built-in table

@@ -7,9 +7,10 @@ import json
 
 import pytest
 import yaml
+from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
-from mitmroute.addons.flows import GATE_KEY
+from mitmroute.addons.flows import GATE_KEY, header_dict
 from mitmroute.addons.router import Router
 from mitmroute.gate import decide
 
@@ -97,3 +98,23 @@ async def test_other_hosts_are_left_alone(tmp_path, host):
         await router.request(flow)
         assert flow.response is None
         await router.done()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [
+            (b"Host", b"api.openai.com"),
+            (b"Authorization", b"Bearer sk-x"),
+            (b"Content-Length", b"2"),
+        ],
+        [(b"Accept", b"text/html"), (b"X-Tag", b"a"), (b"accept", b"application/json")],
+        [(b"X-Caf\xc3\xa9", b"cr\xc3\xa8me"), (b"X-Bad", b"\xff\xfe"), (b"x-bad", b"ok")],
+        [],
+    ],
+)
+def test_header_dict_is_what_headers_items_folds_to(fields):
+    """The engine's headers: lower-cased names, repeats folded with ", ", undecodable bytes
+    kept (surrogateescape), exactly as `{k.lower(): v for k, v in headers.items()}`."""
+    headers = http.Headers(fields)
+    assert header_dict(headers) == {k.lower(): v for k, v in headers.items()}
