@@ -24,6 +24,7 @@ The proxy process never imports DuckDB for this (the module imports it only in t
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -134,9 +136,13 @@ class SpendSidecar:
     def start(self) -> SpendSidecar:
         """Start the sender thread, which starts the child (idempotent)."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="spend-sidecar", daemon=True)
-                self._thread.start()
+            if self._thread is not None:
+                return self
+            self._thread = threading.Thread(target=self._run, name="spend-sidecar", daemon=True)
+            self._thread.start()
+        # Safety net if the owner never calls close(): hand everything over at interpreter exit.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (lambda s: s is not None and s.close(5.0))(ref()))
         return self
 
     def record(self, exchange: Exchange) -> None:
@@ -281,6 +287,7 @@ class SpendSidecar:
                 stdout=subprocess.PIPE,
                 stderr=None,
                 close_fds=True,
+                env=_child_env(),
             )
         except OSError as e:
             log.error("spend: cannot start the spend sidecar: %s", e)
@@ -484,6 +491,15 @@ class SpendSidecar:
             return
         self._last_log[kind] = now
         log.log(level, msg, *args)
+
+
+def _child_env() -> dict[str, str]:
+    """The proxy's environment, with this mitmroute first on the path: the child runs the same
+    code as the proxy, however the proxy found it."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 # --- the child ----------------------------------------------------------------------------------
