@@ -115,6 +115,7 @@ class SpendSidecar:
         """Rows this process settled itself: dropped, rejected by the row builder, late."""
         self._dropped = 0
         self._refused = 0
+        self._child_stats: dict[str, int] = {}
         self._spill_label = str(self.spill.path)
         self._reader: threading.Thread | None = None
         self._child_closed: bool | None = None
@@ -192,6 +193,27 @@ class SpendSidecar:
             self.path,
             self._refused,
         )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The current child's writer counters (written, spilled, failures, ...: since it
+        started), with this process's dropped and refused rows."""
+        return {**self._child_stats, "dropped": self._dropped, "refused": self._refused}
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until every row recorded before this call is settled and none of this run is
+        in a spill file (the child flushes every ~0.9 s); False on timeout. Not for the loop."""
+        self.start()
+        with self._lock:
+            target = self._recorded
+        deadline = time.monotonic() + timeout
+        while True:
+            s = self.summary()
+            if s["recorded"] - s["held"] >= target and s["spill"] == 0:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def summary(self) -> dict[str, int]:
         """Where this run's rows are: recorded = db + spill + rejected + lost + held."""
@@ -425,6 +447,7 @@ class SpendSidecar:
                 continue
             if "settled" in message:
                 self._settle(int(message["settled"]), message["outcome"])
+                self._child_stats = message.get("stats", {})
             elif "hello" in message:
                 self._spill_label = message["hello"]["spill"]
                 self.ready.set()
@@ -552,9 +575,10 @@ def main() -> int:
     last: list[Any] = [None]
 
     def settled(n: int, outcome: dict[str, int]) -> None:
-        if last[0] != (n, outcome):
-            last[0] = (n, outcome)
-            say({"settled": n, "outcome": outcome})
+        stats = {k: v for k, v in writer.stats.items() if isinstance(v, int)}
+        if last[0] != (n, outcome, stats):
+            last[0] = (n, outcome, stats)
+            say({"settled": n, "outcome": outcome, "stats": stats})
 
     writer.on_settled = settled
     say({"hello": {"spill": str(writer.spill.path), "pid": os.getpid()}})
@@ -570,7 +594,8 @@ def main() -> int:
             break
     ok = writer.close(close_timeout)
     say({"closed": ok})
-    out.close()
+    with contextlib.suppress(OSError):  # the proxy is gone (SIGKILL): nobody to tell
+        out.close()
     return 0
 
 
