@@ -30,6 +30,8 @@ Exactly once, with many writers
     lock, its marker committed with its rows.
 
 What a crash costs
+    (Of the writer's process: the spend sidecar, mitmroute.spend.sidecar, which outlives a
+    SIGKILLed proxy long enough to commit the rows it got.)
     A commit is one PostgreSQL transaction (the Parquet file, if any, is written before it):
     a SIGKILL loses the rows recorded in the last ``flush_interval`` plus the flush under way,
     as with the file, and never half a batch; the writer connects at start, so only a proxy
