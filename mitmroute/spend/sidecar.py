@@ -463,7 +463,10 @@ class SpendSidecar:
                 self._unsettled.popleft()
             self._acked += n
             self._held -= n
+            lost = int(outcome.get("lost", 0)) - self._outcome_child["lost"]
             self._outcome_child = {k: int(outcome.get(k, 0)) for k in OUTCOMES}
+        if lost > 0:  # the child could write them nowhere (closing): counted as dropped
+            self._lost(lost)
 
     # -- helpers --------------------------------------------------------------------------------
 
