@@ -5,8 +5,8 @@ the ledger shared by every proxy when `database_url` names a PostgreSQL database
 Rows are written by a child process of its own (mitmroute.spend.sidecar: DuckDB, its memory
 and its flushes stay out of the proxy process), fed by a background thread, so the event loop
 never waits on it; `done` (SIGINT, SIGTERM) hands it everything and waits for it before
-mitmdump exits, and says where every row went. A proxy killed with SIGKILL loses only the rows
-not yet handed over (a few ms): the child writes what it got and exits. A
+mitmdump exits, and says where every row went. A proxy killed with SIGKILL loses only the
+rows not yet handed over (those of the last ~50 ms): the child writes what it got and exits. A
 `spend_db` that can never be written stops start-up like a config error. While the writer holds
 `spend_buffer_rows` rows it cannot write (disk full, read-only directory), new requests to
 intercepted hosts are answered 503 `ledger_unavailable` (`spend_on_buffer_full: refuse`), or

@@ -3,13 +3,13 @@ time stay out of the proxy process, and a proxy killed with SIGKILL loses only t
 not yet handed over.
 
 Proxy side (:class:`SpendSidecar`, the interface of :class:`~mitmroute.spend.writer.SpendLog`
-that the addon uses): ``record()`` appends the Exchange to a deque (O(1)); a sender thread turns
-Exchanges into rows (:class:`~mitmroute.spend.rows.RowBuilder`) and writes them in framed
-batches (4-byte length + marshal) to the child's stdin. The rows stay in memory, unsettled,
-until the child says they are settled (in the db, a spill file, the rejected file, or lost):
-they count against ``max_buffer`` (refuse/drop as before). If the child dies, a new one is
-started and every unsettled row is sent again; the writer stores a ``request_id`` once, so a row
-sent twice is stored once.
+that the addon uses): ``record()`` appends the Exchange to a deque (O(1)); every 50 ms a
+sender thread turns the queued Exchanges into rows (:class:`~mitmroute.spend.rows.RowBuilder`)
+and writes them in framed batches (4-byte length + marshal) to the child's stdin. The rows
+stay in memory, unsettled, until the child says they are settled (in the db, a spill file,
+the rejected file, or lost): they count against ``max_buffer`` (refuse/drop as before). If
+the child dies, a new one is started and every unsettled row is sent again; the writer
+stores a ``request_id`` once, so a row sent twice is stored once.
 
 Child side (``python -m mitmroute.spend.sidecar``): reads the target from the first frame (a
 ``database_url`` never goes on a command line), runs the ordinary writer (SpendLog, or
@@ -79,7 +79,7 @@ class SpendSidecar:
         on_full: str = "refuse",
         on_drop: Callable[[int], None] | None = None,
         log_interval: float = 60.0,
-        send_delay: float = 0.005,
+        send_interval: float = 0.05,
         restart_delay: float = 0.5,
     ):
         if on_full not in ON_FULL:
@@ -91,8 +91,9 @@ class SpendSidecar:
         self.on_full = on_full
         self.on_drop = on_drop
         self.log_interval = log_interval
-        self.send_delay = send_delay
-        """The sender waits this long after a wake-up, to send rows in batches."""
+        self.send_interval = send_interval
+        """The sender hands queued rows over every this many seconds: what a SIGKILL of the
+        proxy can cost (a wake-up per row would cost the event loop GIL switches)."""
         self.restart_delay = restart_delay
         self.rows = RowBuilder()
         self.spill = SpillFiles(self.path)
@@ -155,8 +156,6 @@ class SpendSidecar:
                 self._recorded += 1
                 self._held += 1
                 self._queue.append(exchange)
-                if not self._wake.is_set():
-                    self._wake.set()
                 return
             else:
                 late = False
@@ -282,9 +281,7 @@ class SpendSidecar:
                     if self._closing and self._overdue():
                         return
                     continue
-            self._wake.wait(0.5)
-            if self.send_delay and not self._closing:
-                time.sleep(self.send_delay)
+            self._wake.wait(self.send_interval)
             self._wake.clear()
             self._send_queued()
             if self._closing and not self._asked:
