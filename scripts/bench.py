@@ -170,20 +170,32 @@ def free_port() -> int:
 
 
 def proc_stats(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (kB) and CPU seconds of `pid` and its children (LiteLLM may fork)."""
-    pids, out = {pid}, {"VmRSS": 0.0, "VmHWM": 0.0, "cpu": 0.0}
+    """VmRSS, VmHWM (kB) and CPU seconds of `pid` with all its descendants (mitmroute's spend
+    sidecar, LiteLLM's workers), and of `pid` alone (`own_*`): so a cost moved into a child
+    process still counts, and the proxy process's own share shows too."""
+    parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                pids.add(int(stat.parent.name))
-    for p in pids:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    tree, grew = {pid}, True
+    while grew:
+        more = {p for p, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    keys = ("VmRSS", "VmHWM", "cpu")
+    out = dict.fromkeys(keys + tuple(f"own_{k}" for k in keys), 0.0)
+    for p in tree:
         with contextlib.suppress(OSError, ValueError, IndexError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            out["cpu"] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            one = {"cpu": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 name, _, value = line.partition(":")
-                if name in out:
-                    out[name] += int(value.split()[0])
+                if name in keys:
+                    one[name] = int(value.split()[0])
+            for k, v in one.items():
+                out[k] += v
+                if p == pid:
+                    out[f"own_{k}"] = v
     return out
 
 
@@ -323,7 +335,8 @@ class Samples:
     errors: int = 0
     first_error: str = ""
     wall: float = 0.0
-    cpu: float | None = None  # the proxy's CPU seconds
+    cpu: float | None = None  # the proxy's CPU seconds (its process tree)
+    cpu_own: float | None = None  # the proxy process alone
     round_p50: list[float] = field(default_factory=list)
     rss_kb: list[tuple[int, int]] = field(default_factory=list)  # (requests so far, VmRSS)
 
@@ -450,7 +463,7 @@ async def run_load(services: dict[str, Service], bundle: Path, plan: list[Scenar
             for t in sc.targets:
                 progress.step(f"warm-up {sc.name} -> {t}")
                 await drive(clients[t], sc, 4 * sc.concurrency + 8, None, progress)
-        baseline = {name: s.stats()["VmRSS"] for name, s in services.items()}
+        baseline = {name: s.stats() for name, s in services.items()}
         for r in range(rounds):
             for sc in plan:
                 k = r % len(sc.targets)
@@ -465,6 +478,8 @@ async def run_load(services: dict[str, Service], bundle: Path, plan: list[Scenar
                     if service:
                         after = service.stats()
                         samples.cpu = (samples.cpu or 0.0) + after["cpu"] - before["cpu"]
+                        samples.cpu_own = ((samples.cpu_own or 0.0) + after["own_cpu"]
+                                           - before["own_cpu"])
                         samples.rss_kb.append((len(samples.latency), after["VmRSS"]))
     finally:
         for c in clients.values():
@@ -644,6 +659,8 @@ def summarize(results: dict[str, dict[str, Samples]], plan: list[Scenario]) -> d
                 "p50_ms": pct(lat, 50), "p90_ms": pct(lat, 90), "p99_ms": pct(lat, 99),
                 "rps": len(lat) / s.wall if s.wall else 0.0, "round_p50_ms": s.round_p50,
                 "cpu_ms_per_req": s.cpu * 1000 / len(lat) if s.cpu is not None and lat else None,
+                "cpu_own_ms_per_req": (s.cpu_own * 1000 / len(lat)
+                                       if s.cpu_own is not None and lat else None),
                 "ttfc_p50_ms": pct(ttfc, 50) if ttfc else None,
                 "ttfc_p90_ms": pct(ttfc, 90) if ttfc else None,
                 "cache_hit_ratio": len(hits) / len(lat) if lat else 0.0,
@@ -827,7 +844,8 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
 
     cols = ["scenario", "target", "n", "err", "p50 ms", "p90 ms", "p99 ms", "+p50 vs direct",
             "+p50 / bare's", "req/s", "req/s / bare's", "req/s / LiteLLM's", "TTFC p50 ms",
-            "+TTFC vs direct", "cache HIT", "proxy CPU ms/req", "CPU / bare's", "peak RSS MB"]
+            "+TTFC vs direct", "cache HIT", "proxy CPU ms/req", "CPU / bare's",
+            "proxy process alone CPU ms/req", "peak RSS MB"]
     lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     requests = {name: sc for name, sc in summary.items() if name != "streams"}
     for name, sc in requests.items():
@@ -838,7 +856,7 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
                      f(r["rps"], ".0f"), f(r["rps_vs_bare"]), f(r["rps_vs_litellm"]),
                      f(r["ttfc_p50_ms"]), f(r["added_ttfc_p50_ms"], "+.2f"),
                      f"{r['cache_hit_ratio']:.0%}", f(r["cpu_ms_per_req"]), f(r["cpu_vs_bare"]),
-                     f(peak and peak / 1024, ".1f")]
+                     f(r.get("cpu_own_ms_per_req")), f(peak and peak / 1024, ".1f")]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
     if not requests:
         lines = []
@@ -866,11 +884,14 @@ def markdown(summary: dict[str, Any], processes: dict[str, Any], checks: list[di
                      f(r["plateau_rss_kb"] and r["plateau_rss_kb"] / 1024, ".1f"),
                      f(r["rss_kb_per_stream"], ".1f"), f(r["rss_per_stream_vs_bare"])]
             lines.append("| " + " | ".join(map(str, cells)) + " |")
-    lines += ["", "| process | peak RSS MB (VmHWM) | RSS after warm-up MB | RSS at end MB "
-              "| growth |",
-              "| --- | --- | --- | --- | --- |"]
+    lines += ["", "| process (with its children) | peak RSS MB (VmHWM) | RSS after warm-up MB "
+              "| RSS at end MB | growth | the process alone: RSS after warm-up MB | at end MB |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {t} | {p['peak_rss_kb'] / 1024:.1f} | {p['start_rss_kb'] / 1024:.1f} | "
-              f"{p['end_rss_kb'] / 1024:.1f} | {p['growth']:+.1%} |" for t, p in processes.items()]
+              f"{p['end_rss_kb'] / 1024:.1f} | {p['growth']:+.1%} | "
+              f"{p.get('start_rss_own_kb', 0) / 1024:.1f} | "
+              f"{p.get('end_rss_own_kb', 0) / 1024:.1f} |"
+              for t, p in processes.items()]
     lines += [""] + [f"- **{c['status']}** {c['check']}: {c['detail']}" for c in checks]
     lines += [f"- errors in {name} -> {t}: {r['errors']}, first: {r['first_error']}"
               for name, sc in summary.items() for t, r in sc["targets"].items() if r["errors"]]
@@ -1037,13 +1058,17 @@ def main() -> int:
                 s.start()
             for s in services.values():
                 s.wait_ready(120 if s.name == "litellm" else 30)
-            results, baseline = ({}, {name: s.stats()["VmRSS"] for name, s in services.items()})
+            results, baseline = ({}, {name: s.stats() for name, s in services.items()})
             if request_plan:
                 results, baseline = asyncio.run(run_load(services, tmp / "bundle.pem",
                                                          request_plan, sizes, rounds))
             # measured before the streams, whose connections would hide the requests' figures
-            processes = {name: {"pid": s.proc and s.proc.pid, "peak_rss_kb": s.stats()["VmHWM"],
-                                "start_rss_kb": baseline[name], "end_rss_kb": s.stats()["VmRSS"]}
+            ends = {name: s.stats() for name, s in services.items() if name != "fake"}
+            processes = {name: {"pid": s.proc and s.proc.pid, "peak_rss_kb": ends[name]["VmHWM"],
+                                "start_rss_kb": baseline[name]["VmRSS"],
+                                "end_rss_kb": ends[name]["VmRSS"],
+                                "start_rss_own_kb": baseline[name]["own_VmRSS"],
+                                "end_rss_own_kb": ends[name]["own_VmRSS"]}
                          for name, s in services.items() if name != "fake"}
             stream_results = (asyncio.run(run_streams(services, tmp / "bundle.pem",
                                                       streams_scenario, chunks, args.gap_ms,

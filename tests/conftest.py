@@ -33,6 +33,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started that still run (the proxy's spend sidecar)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """Wait for `pids` to end (a sidecar writes what it holds, then exits); those that did not."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def wait_for_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,7 +186,17 @@ class Proxy(ProxyClients):
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, sig: int | None = None) -> int | None:
+    def stop(self, sig: int | None = None, sidecar_timeout: float = 30.0) -> int | None:
+        """Stop mitmdump, then wait for its spend sidecar to end (after a SIGKILL it still
+        writes the rows it got); one that does not end in `sidecar_timeout` is killed."""
+        children = child_pids(self.proc.pid) if self.proc.poll() is None else []
+        self._stop(sig)
+        for pid in wait_gone(children, sidecar_timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+        return self.proc.returncode
+
+    def _stop(self, sig: int | None) -> None:
         if self.proc.poll() is None:
             if sig is None:
                 self.proc.terminate()
@@ -171,7 +208,6 @@ class Proxy(ProxyClients):
                 self.proc.kill()
                 self.proc.wait(5)
         self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

@@ -2,8 +2,11 @@
 the ledger shared by every proxy when `database_url` names a PostgreSQL database
 (mitmroute.spend.lake; `spend_db` then only places the spill files).
 
-Rows are written by a background thread, so the event loop never waits on DuckDB; `done`
-(SIGINT, SIGTERM) flushes everything before mitmdump exits and says where every row went. A
+Rows are written by a child process of its own (mitmroute.spend.sidecar: DuckDB, its memory
+and its flushes stay out of the proxy process), fed by a background thread, so the event loop
+never waits on it; `done` (SIGINT, SIGTERM) hands it everything and waits for it before
+mitmdump exits, and says where every row went. A proxy killed with SIGKILL loses only the
+rows not yet handed over (those of the last ~50 ms): the child writes what it got and exits. A
 `spend_db` that can never be written stops start-up like a config error. While the writer holds
 `spend_buffer_rows` rows it cannot write (disk full, read-only directory), new requests to
 intercepted hosts are answered 503 `ledger_unavailable` (`spend_on_buffer_full: refuse`), or
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import exceptions, http
 
@@ -25,8 +29,11 @@ from mitmroute.addons.shared import Shared
 from mitmroute.config import RouterConfig
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange
-from mitmroute.spend import SpendDbError, check_writable, extensions, lake
-from mitmroute.spend import SpendLog as SpendWriter
+from mitmroute.spend import SpendDbError, check_writable
+from mitmroute.spend.sidecar import SpendSidecar
+
+if TYPE_CHECKING:
+    from mitmroute.spend.lake import SharedLedger
 
 log = logging.getLogger("mitmroute")
 
@@ -46,8 +53,8 @@ class SpendLog:
 
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
-        self.writer: SpendWriter | None = None
-        self.target: tuple[str, lake.SharedLedger | None] | None = None
+        self.writer: SpendSidecar | None = None
+        self.target: tuple[str, SharedLedger | None] | None = None
         """What the writer writes: spend_db, and the shared ledger if any."""
         self.is_running = False
         shared.config_listeners.append(self.config_changed)
@@ -60,7 +67,7 @@ class SpendLog:
         general = config.general
         path = str(Path(general.spend_db).expanduser())
         try:
-            shared = lake.from_settings(general)
+            shared = _shared_ledger(general)
             target = (path, shared)
             if self.writer is not None and self.target == target:
                 self.writer.max_buffer = general.spend_buffer_rows
@@ -70,8 +77,10 @@ class SpendLog:
             if shared is not None:
                 if "://" not in shared.data_path:
                     check_writable(Path(shared.data_path) / ".probe")
+                from mitmroute.spend import extensions  # DuckDB: only for the shared ledger
+
                 extensions.install()
-        except (SpendDbError, lake.LedgerConfigError, extensions.ExtensionError, OSError) as e:
+        except _config_errors(general) as e:
             if not self.is_running:  # a proxy that cannot bill would lose every row: don't start
                 print(f"mitmroute: {e}", file=sys.stderr)
                 raise SystemExit(2) from None
@@ -83,11 +92,10 @@ class SpendLog:
             on_full=general.spend_on_buffer_full,
             on_drop=self.shared.publish_spend_dropped,
         )
+        self.writer = SpendSidecar(path, ledger=shared, **options)
         if shared is None:
-            self.writer = SpendWriter(path, **options)
             log.info("mitmroute: spend log at %s", path)
         else:
-            self.writer = lake.LakeSpendLog(shared, path, **options)
             log.info(
                 "mitmroute: spend log shared in %s (data in %s; spill files beside %s)",
                 shared.label,
@@ -127,3 +135,21 @@ class SpendLog:
             "mitmroute: spend log closed: %s",
             self.writer.describe(),
         )
+
+
+def _shared_ledger(general: Any) -> SharedLedger | None:
+    """The shared ledger of `general_settings`, or None; lake (and DuckDB) imported only then."""
+    if not general.database_url:
+        return None
+    from mitmroute.spend import lake
+
+    return lake.from_settings(general)
+
+
+def _config_errors(general: Any) -> tuple[type[Exception], ...]:
+    """What makes a spend config unusable (the shared ledger's errors only if it has one)."""
+    if not general.database_url:
+        return (SpendDbError, OSError)
+    from mitmroute.spend import extensions, lake
+
+    return (SpendDbError, OSError, lake.LedgerConfigError, extensions.ExtensionError)

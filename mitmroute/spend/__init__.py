@@ -11,10 +11,17 @@ the event loop.
 - schema.py: the tables and the views (``spend_daily``, ``spend_last_hour``, ``cache_savings``,
   ``fallback_rate``, ``deployment_latency``, ``routing_savings``, ...); older files gain newer
   columns by ``ALTER TABLE ... ADD COLUMN IF NOT EXISTS``.
+- :class:`~mitmroute.spend.sidecar.SpendSidecar` (sidecar.py): the writer in a child process,
+  as the proxy runs it; rows.py: the rows and spill files, without DuckDB.
+
+DuckDB is imported only by the modules that use it (``SpendLog`` on first access): the proxy
+process itself never loads it.
 """
 
+from typing import Any
+
+from mitmroute.spend.rows import SpendDbError, check_writable
 from mitmroute.spend.tokens import estimate_prompt_tokens, estimate_text_tokens
-from mitmroute.spend.writer import SpendDbError, SpendLog, check_writable
 
 __all__ = [
     "SpendDbError",
@@ -23,3 +30,11 @@ __all__ = [
     "estimate_prompt_tokens",
     "estimate_text_tokens",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SpendLog":  # imports DuckDB: only where the writer runs
+        from mitmroute.spend.writer import SpendLog
+
+        return SpendLog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

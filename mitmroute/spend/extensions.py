@@ -22,8 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 NAMES = ("ducklake", "postgres_scanner")
 """Loaded by these names (the postgres extension's file must be named postgres_scanner)."""
 
@@ -34,6 +32,8 @@ class ExtensionError(RuntimeError):
 
 def _wheel_file(name: str) -> Path:
     """The extension binary shipped by the `duckdb-extension-<name>` wheel."""
+    import duckdb  # here: the proxy process imports this module, never DuckDB
+
     spec = importlib.util.find_spec(f"duckdb_extension_{name}")
     if spec is None or spec.origin is None:
         raise ExtensionError(
@@ -54,6 +54,8 @@ def _wheel_file(name: str) -> Path:
 
 
 def _platform() -> str:
+    import duckdb  # here: the proxy process imports this module, never DuckDB
+
     con = duckdb.connect(":memory:")
     try:
         row = con.execute("SELECT platform FROM pragma_platform()").fetchone()
@@ -78,6 +80,8 @@ def install(directory: Path | None = None) -> Path:
     """Copy the extensions into `directory` (default: :func:`default_directory`) unless the
     same files are there already; returns the directory. Safe with several processes at once
     (each file is written under a temporary name and renamed into place)."""
+    import duckdb
+
     directory = directory or default_directory()
     target = directory / f"v{duckdb.__version__}" / _platform()
     for name in NAMES:
@@ -99,6 +103,8 @@ def connect(threads: int = 1, directory: Path | None = None) -> Any:
     """An in-memory DuckDB with ducklake and postgres_scanner loaded, never from the network.
 
     Loading takes ~0.5 s (per connection: keep it open)."""
+    import duckdb
+
     directory = install(directory)
     con = duckdb.connect(
         ":memory:",

@@ -48,6 +48,10 @@ When nothing can be written: a full disk, a read-only directory
     held in memory, buffer full), with the true count of rows held; recovery once.
 
 What a crash can lose
+    (Of the process the writer runs in. The proxy runs it in a child process of its own,
+    mitmroute.spend.sidecar: a SIGKILLed proxy closes the child's pipe, and the child writes
+    every row it got before it exits; what is lost then is what the proxy had not handed over,
+    the rows of the last ~50 ms.)
     ``record()`` only appends to an in-memory queue; the thread writes it out within
     ``flush_interval`` (+ the flush itself, + ``retry_delay`` when the file is busy). SIGINT and
     SIGTERM go through the addon's ``done`` hook, which calls ``close()``: nothing is lost,
@@ -77,288 +81,47 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import itertools
 import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
-import uuid
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 
 from mitmroute.spend import schema
+from mitmroute.spend.rows import (  # noqa: F401  re-exported
+    _ATTEMPT_WIDTH,
+    _LOG_WIDTH,
+    _TEN_PLACES,
+    ON_FULL,
+    Line,
+    Row,
+    RowBuilder,
+    SpendDbError,
+    SpillFiles,
+    _append,
+    _float,
+    _money,
+    _parse,
+    _ts,
+    check_writable,
+    columnar_json,
+)
 
 if TYPE_CHECKING:
     from mitmroute.exchange import Exchange
 
 log = logging.getLogger(__name__)
-
-Row = tuple[Any, ...] | list[Any]
-Line = tuple[Row, tuple[Row, ...] | list[Row]]
-"""One Exchange as rows: its spend_log row and its spend_attempts rows. Tuples of atoms, which
-the garbage collector stops tracking, so a burst of rows adds no GC pauses to the proxy."""
-
-_TEN_PLACES = Decimal("1e-10")
-
-
-# --- Exchange -> rows (JSON-safe lists) ---------------------------------------------------------
-
-
-def _ts(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC; naive datetimes are taken as UTC."""
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).isoformat()
-
-
-def _money(value: Decimal | None) -> str | None:
-    """Decimal -> text with at most 10 places (banker's rounding), as DECIMAL(18,10) stores it."""
-    if value is None:
-        return None
-    try:
-        d = Decimal(value)
-        if not d.is_finite():
-            return None
-        return format(d.quantize(_TEN_PLACES, rounding=ROUND_HALF_EVEN), "f")
-    except (InvalidOperation, TypeError, ValueError):
-        return None
-
-
-def _float(value: float | None) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-class RowBuilder:
-    """Turns an Exchange into spend_log / spend_attempts rows (runs on the writer thread).
-
-    Costs are the engine's (`exchange.cost_usd`, `saved_usd`): the ledger prices nothing."""
-
-    def build(self, ex: Exchange) -> Line:
-        u = ex.usage
-        cost, saved = ex.cost_usd, ex.saved_usd
-        route = ex.tier_route
-        metadata = (
-            json.dumps(ex.metadata, default=str, separators=(",", ":")) if ex.metadata else None
-        )
-        row: Row = (
-            ex.request_id,
-            _ts(ex.started_at),
-            _ts(ex.ended_at),
-            _float(ex.latency_ms),
-            _float(ex.ttft_ms),
-            ex.endpoint,
-            bool(ex.stream),
-            ex.api_key_hash,
-            ex.key_alias,
-            ex.team,
-            ex.user,
-            ex.requested_model,
-            ex.model_group,
-            ex.deployment,
-            ex.provider,
-            ex.api_base,
-            ex.status_code,
-            ex.error_type,
-            bool(ex.cache_hit),
-            len(ex.attempts),
-            bool(ex.fallback_used),
-            u.prompt_tokens if u else None,
-            u.completion_tokens if u else None,
-            u.cached_tokens if u else None,
-            u.cache_creation_tokens if u else None,
-            u.reasoning_tokens if u else None,
-            u.total_tokens if u else None,
-            u.source if u else None,
-            _money(cost),
-            _money(saved),
-            tuple(str(t) for t in ex.tags),
-            metadata,
-            route.tier if route else None,
-            route.reason if route else None,
-            _float(route.score) if route else None,
-            _money(route.baseline_cost_usd) if route else None,
-        )
-        attempts = tuple(
-            (
-                ex.request_id,
-                a.attempt,
-                a.deployment,
-                a.api_base,
-                a.status_code,
-                a.error_type,
-                _float(a.latency_ms),
-                _ts(a.started_at),
-            )
-            for a in ex.attempts
-        )
-        return row, attempts
-
-
-def columnar_json(rows: list[Row], columns: tuple[tuple[str, str], ...]) -> str:
-    """`{"col": [..], ..}` for schema.insert_sql (one json.dumps per column: short GIL slices)."""
-    parts = []
-    for i, (name, _) in enumerate(columns):
-        values = json.dumps([r[i] for r in rows], separators=(",", ":"))
-        parts.append(f"{json.dumps(name)}:{values}")
-    return "{" + ",".join(parts) + "}"
-
-
-# --- spill files --------------------------------------------------------------------------------
-
-_LOG_WIDTH = len(schema.SPEND_LOG)
-_ATTEMPT_WIDTH = len(schema.SPEND_ATTEMPTS)
-
-
-def _append(path: Path, data: bytes, fsync: bool) -> None:
-    """Append `data` to `path` whole or not at all.
-
-    A failed write (disk full) is cut back to where it started, and an empty file it created is
-    removed: no half line, no empty file. Data after a torn last line (a process killed in the
-    middle of a write) starts on a new line, so the torn line never swallows a good one.
-    """
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        start = os.fstat(fd).st_size
-        if start and os.pread(fd, 1, start - 1) != b"\n":
-            data = b"\n" + data
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            if fsync:
-                os.fsync(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
-                if start == 0:
-                    os.unlink(path)
-            raise
-    finally:
-        os.close(fd)
-
-
-def _parse(raw: bytes) -> Line | None:
-    """One spill line, or None when it is torn or not a row of this schema."""
-    try:
-        row, attempts = json.loads(raw)
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(row, list) or not isinstance(attempts, list):
-        return None
-    if schema.V1_WIDTH <= len(row) < _LOG_WIDTH:  # written by an older version: pad with NULL
-        row = row + [None] * (_LOG_WIDTH - len(row))
-    if len(row) != _LOG_WIDTH:
-        return None
-    if not all(isinstance(a, list) and len(a) == _ATTEMPT_WIDTH for a in attempts):
-        return None
-    return row, attempts
-
-
-class SpillFiles:
-    """`<db>.spill.jsonl` (appended while the db cannot be written), its claimed replay copies,
-    and `<db>.rejected.jsonl` (what can never go in, kept aside with the reason)."""
-
-    def __init__(self, db_path: Path, *, fsync: bool = False):
-        self.path = Path(f"{db_path}.spill.jsonl")
-        self.rejected = Path(f"{db_path}.rejected.jsonl")
-        self._stem = f"{db_path}.spill"
-        self.fsync = fsync
-        self.lock = threading.Lock()
-
-    def append(self, lines: Iterable[Line]) -> int:
-        """Append rows (one JSON line per Exchange), all or none (OSError); returns how many."""
-        text = "".join(json.dumps([row, att], separators=(",", ":")) + "\n" for row, att in lines)
-        if not text:
-            return 0
-        with self.lock:
-            _append(self.path, text.encode(), self.fsync)
-        return text.count("\n")
-
-    def reject(self, line: Line, error: str) -> None:
-        """Set aside a row DuckDB refused, with the reason."""
-        self._set_aside({"error": error, "row": line[0], "attempts": line[1]})
-
-    def set_aside(self, raw: bytes, where: str) -> None:
-        """Set aside a spill line that cannot be read (torn by a kill, or not a row)."""
-        text = raw.decode("utf-8", "replace").rstrip("\n")
-        self._set_aside({"error": f"unreadable spill line ({where})", "line": text})
-
-    def _set_aside(self, entry: dict[str, Any]) -> None:
-        text = json.dumps(entry, default=str) + "\n"
-        try:
-            with self.lock:
-                _append(self.rejected, text.encode(), self.fsync)
-        except OSError as e:  # the log is then the only place it is kept
-            log.error("spend: cannot write %s (%s); the entry: %s", self.rejected, e, text.strip())
-
-    def claimed(self) -> list[Path]:
-        """Replay files (`<db>.spill.<32 hex>.jsonl`), oldest first."""
-        base = Path(self._stem)
-        found = []
-        for p in base.parent.glob(base.name + ".*.jsonl"):
-            middle = p.name[len(base.name) + 1 : -len(".jsonl")]
-            if len(middle) == 32 and all(c in "0123456789abcdef" for c in middle):
-                found.append(p)
-        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
-
-    def pending(self) -> bool:
-        """Anything to replay?"""
-        return self.path.exists() or bool(self.claimed())
-
-    def claim(self) -> Path | None:
-        """Rename the live spill file to a unique replay name and return it (None if there is
-        none; an empty one is removed)."""
-        with self.lock:
-            try:
-                if self.path.stat().st_size == 0:
-                    self.path.unlink()
-                    return None
-            except FileNotFoundError:
-                return None
-            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
-            os.replace(self.path, target)
-            return target
-
-    @staticmethod
-    def spill_id(path: Path) -> str:
-        return path.name[: -len(".jsonl")].rsplit(".", 1)[-1]
-
-    @staticmethod
-    def read(path: Path, bad: list[tuple[int, bytes]]) -> Iterator[Line]:
-        """The rows of a spill file; lines that are torn or not rows go to `bad` as (n, line)."""
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                line = _parse(raw)
-                if line is None:
-                    log.warning("spend: %s:%d: unreadable spill line set aside", path, n)
-                    bad.append((n, raw))
-                else:
-                    yield line
-
-
-# --- the writer ---------------------------------------------------------------------------------
-
-ON_FULL = ("refuse", "drop")
-"""What the buffer does at its cap: keep every row (the proxy refuses new requests), or drop."""
 
 
 _COUNTERS = (
@@ -376,34 +139,17 @@ _COUNTERS = (
 )
 
 
-class SpendDbError(Exception):
-    """The spend log can never be written at `spend_db` (read-only, no permission, a directory)."""
+class _Built:
+    """A row built already, queued like an Exchange (see `SpendLog.record_line`)."""
 
+    __slots__ = ("line",)
 
-def check_writable(db_path: str | os.PathLike[str]) -> None:
-    """Raise SpendDbError unless the spend log can be written at `db_path`.
+    def __init__(self, line: Line):
+        self.line = line
 
-    Creates the directory when missing, and a probe file in it. A full disk or a reader holding
-    the file is no error: the writer waits those out (rows in the spill file, or in memory).
-    """
-    if str(db_path) == ":memory:":
-        return
-    path = Path(db_path)
-    if path.is_dir():
-        raise SpendDbError(f"spend_db {path} is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mitmroute-probe-", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return
-        raise SpendDbError(
-            f"spend_db {path}: cannot write in {path.parent} ({e.strerror or e})"
-        ) from None
-    if path.exists() and not os.access(path, os.W_OK):
-        raise SpendDbError(f"spend_db {path}: the file is not writable")
+    @property
+    def request_id(self) -> Any:
+        return self.line[0][0]
 
 
 class _Busy(Exception):
@@ -438,6 +184,10 @@ class SpendLog:
         self.on_full = on_full
         self.on_drop = on_drop
         """Called with a count of rows that are lost (dropped at the cap, or at close)."""
+        self.on_settled: Callable[[int, dict[str, int]], None] | None = None
+        """Called after each flush with (seq of the last row settled, `outcome`): every row up
+        to that seq is in the db, a spill file, the rejected file or lost (the spend sidecar
+        acknowledges rows with it)."""
         self.retry_delay = retry_delay
         self.log_interval = log_interval
         self.config: dict[str, Any] = {"threads": threads}
@@ -527,6 +277,10 @@ class SpendLog:
         )
         self._lost(1)
 
+    def record_line(self, line: Line) -> None:
+        """`record()` for a row built already (by :class:`RowBuilder`, in another process)."""
+        self.record(_Built(line))  # type: ignore[arg-type]
+
     def accepting(self) -> bool:
         """False while `max_buffer` rows are held in memory (nothing could take them)."""
         return self._held < self.max_buffer
@@ -607,7 +361,7 @@ class SpendLog:
             self._close_result = False
             return False
         if leftovers:  # recorded between the thread's last drain and _closed
-            self._pending.extend((seq, self.rows.build(ex)) for seq, ex in leftovers)
+            self._pending.extend((seq, self._build(ex)) for seq, ex in leftovers)
             self._spill_pending()
             self._give_up()
         self._close_result = self.outcome["spill"] == 0 and self.outcome["lost"] == 0
@@ -647,6 +401,13 @@ class SpendLog:
         with self._progress:
             self._flushed = (recorded, oldest, self.outcome["spill"])
             self._progress.notify_all()
+        if self.on_settled is not None:
+            with self._lock:
+                outcome = dict(self.outcome)
+            try:
+                self.on_settled(int(min(recorded, oldest - 1)), outcome)
+            except Exception:
+                log.exception("spend: on_settled failed")
 
     def _account(self, held: int = 0, **where: int) -> None:
         """Rows of this run moved: `held` of them left memory, `where` says where to (db, spill,
@@ -655,6 +416,9 @@ class SpendLog:
             self._held -= held
             for key, n in where.items():
                 self.outcome[key] += n
+
+    def _build(self, item: Exchange | _Built) -> Line:
+        return item.line if isinstance(item, _Built) else self.rows.build(item)
 
     def _lost(self, n: int) -> None:
         if self.on_drop is not None:
@@ -715,7 +479,7 @@ class SpendLog:
                 items = [self._queue.popleft() for _ in range(limit)]
         for seq, ex in items:
             try:
-                self._pending.append((seq, self.rows.build(ex)))
+                self._pending.append((seq, self._build(ex)))
             except Exception as e:
                 log.exception("spend: cannot convert exchange %s", getattr(ex, "request_id", "?"))
                 self.spill.reject(([getattr(ex, "request_id", None)], []), repr(e))
@@ -1074,7 +838,7 @@ class SpendLog:
             "spend: record() after close(); row %s goes to %s", exchange.request_id, self.spill.path
         )
         try:
-            n = self.spill.append([self.rows.build(exchange)])
+            n = self.spill.append([self._build(exchange)])
         except Exception as e:
             log.error("spend: row %s lost: %s", exchange.request_id, e)
             self._account(lost=1)

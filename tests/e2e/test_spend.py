@@ -13,7 +13,7 @@ import duckdb
 import openai
 import pytest
 
-from tests.conftest import deployment
+from tests.conftest import child_pids, deployment, wait_gone
 from tests.fakes.anthropic_server import FakeAnthropic
 from tests.fakes.openai_server import FakeBackend
 
@@ -43,6 +43,19 @@ def config(fake, **extra) -> dict:
         "router_settings": {"fallbacks": [{"broken": ["backup"]}], "num_retries": 0},
         **extra,
     }
+
+
+def wait_rows(db, n: int, timeout: float = 20.0) -> None:
+    """Until `n` rows are readable (the sidecar's first flush can take a while under load)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if rows(db, "select count(*) from spend_log")[0][0] >= n:
+                return
+        except (duckdb.Error, OSError):
+            pass
+        assert time.monotonic() < deadline, f"fewer than {n} rows in {db}"
+        time.sleep(0.1)
 
 
 def rows(db, sql: str) -> list[tuple]:
@@ -158,7 +171,7 @@ def test_a_reader_holding_the_file_costs_no_rows(start_proxy, fake):
     proxy = start_proxy(config(fake))
     with proxy.client() as client:
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
-        time.sleep(1.0)  # first flush creates the file
+        wait_rows(proxy.spend_db, 1)  # the first flush creates the file
         reader = subprocess.Popen(
             [
                 sys.executable,
@@ -182,19 +195,25 @@ def test_a_reader_holding_the_file_costs_no_rows(start_proxy, fake):
     assert rows(proxy.spend_db, "select count(*) from spend_log")[0][0] == 11
 
 
-def test_sigkill_loses_at_most_the_last_flush_interval(start_proxy, fake):
+def test_sigkill_loses_no_answered_row(start_proxy, fake):
+    """The writer runs in the spend sidecar: a SIGKILLed proxy closes its pipe, and the sidecar
+    writes every row it got before it exits (it had them within a few ms of each answer)."""
     proxy = start_proxy(config(fake))
+    n = 12
     with proxy.client() as client:
-        for i in range(5):
+        for i in range(n):
             client.chat.completions.create(
-                model="gpt-4o", messages=[{"role": "user", "content": f"before {i}"}]
+                model="gpt-4o", messages=[{"role": "user", "content": f"before the kill {i}"}]
             )
-        time.sleep(1.5)  # older than the flush interval: must survive
-        client.chat.completions.create(
-            model="gpt-4o", messages=[{"role": "user", "content": "late"}]
-        )
-    proxy.stop(signal.SIGKILL)
-    assert rows(proxy.spend_db, "select count(*) from spend_log")[0][0] >= 5
+    sidecars = child_pids(proxy.proc.pid)
+    assert len(sidecars) == 1
+    time.sleep(0.1)  # far less than a flush interval (0.9 s): nothing was flushed on time
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait(10)
+    assert wait_gone(sidecars, 30) == []  # it saw EOF, wrote, and ended by itself
+    got = rows(proxy.spend_db, "select count(*), count(distinct request_id) from spend_log")
+    assert got == [(n, n)]
+    assert "spend log closed" not in proxy.logs()
 
 
 def test_passthrough_of_unknown_models_is_logged(start_proxy, fake):

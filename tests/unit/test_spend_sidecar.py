@@ -1,0 +1,205 @@
+"""The spend sidecar: the writer in a real child process, fed and acknowledged over pipes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from mitmroute.spend.sidecar import SpendSidecar
+from tests.conftest import running, wait_gone
+from tests.unit.test_spend_writer import make
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def stored(db: Path) -> tuple[int, int]:
+    """(rows, distinct request_ids) in spend_log."""
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute("SELECT count(*), count(DISTINCT request_id) FROM spend_log").fetchone()
+
+
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def sidecars():
+    """Sidecars of this test; closed (and their child killed if need be) afterwards."""
+    made: list[SpendSidecar] = []
+
+    def new(db: Path, **kwargs) -> SpendSidecar:
+        s = SpendSidecar(db, **kwargs).start()
+        made.append(s)
+        return s
+
+    yield new
+    for s in made:
+        child = s.child
+        if child is not None and child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGCONT)
+        s.close(10)
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait(5)
+
+
+def test_rows_arrive_once_and_the_summary_adds_up(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db)
+    for i in range(300):
+        s.record(make(i))
+    wait_for(lambda: s.summary()["db"] == 300)
+    for i in range(300, 450):
+        s.record(make(i))
+    child = s.child
+    assert s.close(10) is True
+    assert child.poll() == 0  # waited for: no zombie
+    assert stored(db) == (450, 450)
+    assert s.summary() == {
+        "recorded": 450,
+        "db": 450,
+        "spill": 0,
+        "rejected": 0,
+        "lost": 0,
+        "held": 0,
+    }
+    assert s.describe() == (f"450 rows this run: 450 in {db}, 0 in spill files, 0 rejected, 0 lost")
+
+
+def test_the_proxy_side_never_imports_duckdb():
+    code = "import sys, mitmroute.spend.sidecar, mitmroute.spend; print('duckdb' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.strip() == "False"
+
+
+def test_a_killed_child_is_replaced_and_nothing_is_lost_or_doubled(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db, restart_delay=0.1)
+    for i in range(200):
+        s.record(make(i))
+    wait_for(lambda: s.summary()["db"] == 200)
+    first = s.child
+    # rows it has (in the pipe, or in its memory before its next flush), then killed
+    for i in range(200, 400):
+        s.record(make(i))
+    wait_for(lambda: s.summary()["held"] == 200 and not s._queue)
+    assert s.summary()["held"] == 200  # sent, not yet settled
+    os.kill(first.pid, signal.SIGKILL)
+    wait_for(lambda: s.child is not None and s.child is not first)
+    assert first.poll() == -signal.SIGKILL  # the dead one was waited for
+    for i in range(400, 500):
+        s.record(make(i))
+    assert s.close(10) is True
+    assert s.restarts == 1
+    assert stored(db) == (500, 500)
+    summary = s.summary()
+    assert summary["recorded"] == 500 and summary["held"] == 0
+    assert summary["db"] == 500  # rows the first child stored and the second one again: once
+
+
+def test_buffer_full_refuses_while_the_child_cannot_write(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db, max_buffer=5, on_full="refuse")
+    wait_for(lambda: s.child is not None)
+    os.kill(s.child.pid, signal.SIGSTOP)  # acknowledges nothing while stopped
+    try:
+        for i in range(5):
+            assert s.accepting()
+            s.record(make(i))
+        assert not s.accepting()
+        s.refused()
+        s.record(make(5))  # a request already in flight: kept, as today
+        assert s.summary()["held"] == 6
+    finally:
+        os.kill(s.child.pid, signal.SIGCONT)
+    wait_for(s.accepting)
+    assert s.close(10) is True
+    assert stored(db) == (6, 6)
+
+
+def test_buffer_full_drops_and_counts(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    dropped: list[int] = []
+    s = sidecars(db, max_buffer=3, on_full="drop", on_drop=dropped.append)
+    wait_for(lambda: s.child is not None)
+    os.kill(s.child.pid, signal.SIGSTOP)
+    try:
+        for i in range(5):
+            s.record(make(i))
+        assert dropped == [1, 1]
+    finally:
+        os.kill(s.child.pid, signal.SIGCONT)
+    assert s.close(10) is False  # two rows lost
+    assert stored(db) == (3, 3)
+    summary = s.summary()
+    assert (summary["recorded"], summary["db"], summary["lost"]) == (5, 3, 2)
+    assert "2 lost (buffer full" in s.describe()
+
+
+def test_a_sigkilled_proxy_leaves_the_child_to_write_everything(tmp_path):
+    """EOF on its stdin: the child writes every row it got, then exits."""
+    db = tmp_path / "spend.duckdb"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from mitmroute.spend.sidecar import SpendSidecar
+        from tests.unit.test_spend_writer import make
+        s = SpendSidecar({str(db)!r}).start()
+        s.ready.wait(30)  # a proxy serves once started: the child reads its pipe by then
+        for i in range(250):
+            s.record(make(i))
+        while s._queue:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        print(s.child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        child = int(proxy.stdout.readline())
+        assert running(child)
+        proxy.send_signal(signal.SIGKILL)
+        proxy.wait(10)
+        assert wait_gone([child], 30) == []
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.wait(5)
+        proxy.stdout.close()
+    assert stored(db) == (250, 250)
+
+
+def test_close_after_close_goes_to_the_spill_file(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db)
+    s.record(make(0))
+    assert s.close(10) is True
+    s.record(make(1))  # a stream that ended after `done`
+    assert s.summary() == {
+        "recorded": 2,
+        "db": 1,
+        "spill": 1,
+        "rejected": 0,
+        "lost": 0,
+        "held": 0,
+    }
+    assert Path(f"{db}.spill.jsonl").read_text().count("\n") == 1
