@@ -77,9 +77,9 @@ class SpendLog:
             if shared is not None:
                 if "://" not in shared.data_path:
                     check_writable(Path(shared.data_path) / ".probe")
-                from mitmroute.spend import extensions  # DuckDB: only for the shared ledger
+                from mitmroute.spend import extensions
 
-                extensions.install()
+                extensions.install_apart()  # in a process of its own: never DuckDB in here
         except _config_errors(general) as e:
             if not self.is_running:  # a proxy that cannot bill would lose every row: don't start
                 print(f"mitmroute: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -122,6 +123,26 @@ def connect(threads: int = 1, directory: Path | None = None) -> Any:
         con.close()
         raise ExtensionError(f"cannot load the DuckDB extensions from {directory}: {e}") from e
     return con
+
+
+def install_apart(timeout: float = 120.0) -> None:
+    """:func:`install` in a short-lived process of its own, so the calling process (the proxy)
+    never loads DuckDB (~50 MB). Raises ExtensionError with that process's error."""
+    from mitmroute.spend.sidecar import child_env
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mitmroute.spend.extensions"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=child_env(),
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ExtensionError(f"installing the DuckDB extensions: {e}") from None
+    if done.returncode:
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raise ExtensionError(lines[-1].split(": ", 1)[-1] if "Error" in lines[-1] else lines[-1])
 
 
 if __name__ == "__main__":  # python -m mitmroute.spend.extensions: install at set-up

@@ -306,7 +306,7 @@ class SpendSidecar:
                 stdout=subprocess.PIPE,
                 stderr=None,
                 close_fds=True,
-                env=_child_env(),
+                env=child_env(),
             )
         except OSError as e:
             log.error("spend: cannot start the spend sidecar: %s", e)
@@ -516,7 +516,7 @@ class SpendSidecar:
         log.log(level, msg, *args)
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The proxy's environment, with this mitmroute first on the path: the child runs the same
     code as the proxy, however the proxy found it."""
     root = str(Path(__file__).resolve().parents[2])
