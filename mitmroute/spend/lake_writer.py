@@ -185,23 +185,17 @@ class LakeSpendLog(SpendLog):
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if self._con is not None:
             return self._con
-        try:
-            if self._duck is None:
-                self._duck = self.ledger.prepare(int(self.config.get("threads", 1)))
-        except (duckdb.Error, OSError, extensions.ExtensionError) as e:
-            self._note_busy(e)
-            raise _Busy(redact(str(e))) from None
         for attempt in range(2):
             try:
+                if self._duck is None:
+                    self._duck = self.ledger.prepare(int(self.config.get("threads", 1)))
                 self.ledger.attach(self._duck, inline_rows=self.inline_rows)
-                try:
-                    ensure_lake_schema(self._duck)
-                except BaseException:
-                    self.ledger.detach(self._duck)
-                    raise
+                ensure_lake_schema(self._duck)
                 break
-            except (duckdb.Error, OSError) as e:  # once more: proxies creating it together
-                if attempt == 0 and not self._stop.is_set():
+            except (duckdb.Error, OSError, extensions.ExtensionError) as e:
+                # a connection PostgreSQL cut, or half attached, is never reused: a new one
+                self._disconnect(close=True)
+                if attempt == 0 and not self._stop.is_set():  # proxies creating it together
                     time.sleep(random.uniform(0.05, 0.3))
                     continue
                 self._note_busy(e)
@@ -241,6 +235,8 @@ class LakeSpendLog(SpendLog):
         self._con = None
         if self._duck is None:
             return
+        with contextlib.suppress(duckdb.Error):  # a failed statement leaves its transaction
+            self._duck.execute("ROLLBACK")
         try:
             self.ledger.detach(self._duck)
             if not close:

@@ -203,6 +203,8 @@ def test_sessions_are_shared_by_two_proxies_on_one_redis(start_proxy, ollama, cl
         config = seed_config(ollama, claude)
         config["router_settings"]["redis_url"] = redis.url
         one, two = start_proxy(config), start_proxy(config)
+        for proxy in (one, two):  # each proxy's Redis connection made (a first call connects)
+            ask(proxy, EASY, extra_headers={"x-session-id": f"warm-{proxy.port}"})
         session = {"x-session-id": "shared"}
         assert ask(one, HARD, extra_headers=session)[0]["x-mitmroute-tier"] == "COMPLEX"
         # the session's tier is in Redis (each call has 50 ms: on a loaded machine a late one
