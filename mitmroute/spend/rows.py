@@ -14,8 +14,9 @@ import math
 import os
 import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from pathlib import Path
@@ -310,3 +311,30 @@ def check_writable(db_path: str | os.PathLike[str]) -> None:
         ) from None
     if path.exists() and not os.access(path, os.W_OK):
         raise SpendDbError(f"spend_db {path}: the file is not writable")
+
+
+class Troubles:
+    """What both sides of the spend log report the same way: rows lost (`on_drop`), and each
+    kind of trouble logged at most once per `log_interval` (to `logger`)."""
+
+    logger: logging.Logger = log
+    on_drop: Callable[[int], None] | None
+    log_interval: float
+    _last_log: dict[str, float]
+
+    def _lost(self, n: int) -> None:
+        if self.on_drop is not None:
+            try:
+                self.on_drop(n)
+            except Exception:
+                self.logger.exception("spend: on_drop failed")
+
+    def _note(self, kind: str, level: int, msg: str, *args: Any) -> bool:
+        """Log a trouble at most once per `log_interval` for each kind; True if logged."""
+        now = time.monotonic()
+        last = self._last_log.get(kind)
+        if last is not None and now - last < self.log_interval:
+            return False
+        self._last_log[kind] = now
+        self.logger.log(level, msg, *args)
+        return True

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from mitmroute.spend.rows import ON_FULL, Line, RowBuilder, SpillFiles
+from mitmroute.spend.rows import ON_FULL, Line, RowBuilder, SpillFiles, Troubles
 
 if TYPE_CHECKING:
     from mitmroute.exchange import Exchange
@@ -67,8 +67,10 @@ def _frame(message: Any) -> bytes:
     return FRAME.pack(len(data)) + data
 
 
-class SpendSidecar:
+class SpendSidecar(Troubles):
     """The spend log, written by a child process; `record()` never blocks."""
+
+    logger = log
 
     def __init__(
         self,
@@ -498,22 +500,6 @@ class SpendSidecar:
             self._lost(1)
             return
         self._keep([line])
-
-    def _lost(self, n: int) -> None:
-        if self.on_drop is not None:
-            try:
-                self.on_drop(n)
-            except Exception:
-                log.exception("spend: on_drop failed")
-
-    def _note(self, kind: str, level: int, msg: str, *args: Any) -> None:
-        """Log a trouble at most once per `log_interval` for each kind."""
-        now = time.monotonic()
-        last = self._last_log.get(kind)
-        if last is not None and now - last < self.log_interval:
-            return
-        self._last_log[kind] = now
-        log.log(level, msg, *args)
 
 
 def child_env() -> dict[str, str]:

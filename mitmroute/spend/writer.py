@@ -109,6 +109,7 @@ from mitmroute.spend.rows import (  # noqa: F401  re-exported
     RowBuilder,
     SpendDbError,
     SpillFiles,
+    Troubles,
     _append,
     _float,
     _money,
@@ -156,8 +157,10 @@ class _Busy(Exception):
     """The db file could not be opened for writing (held by a reader, or unwritable)."""
 
 
-class SpendLog:
+class SpendLog(Troubles):
     """Persists Exchanges to DuckDB from one background thread; `record()` never blocks."""
+
+    logger = log
 
     def __init__(
         self,
@@ -420,22 +423,13 @@ class SpendLog:
     def _build(self, item: Exchange | _Built) -> Line:
         return item.line if isinstance(item, _Built) else self.rows.build(item)
 
-    def _lost(self, n: int) -> None:
-        if self.on_drop is not None:
-            try:
-                self.on_drop(n)
-            except Exception:
-                log.exception("spend: on_drop failed")
-
-    def _note(self, kind: str, level: int, msg: str, *args: Any) -> None:
-        """Log a trouble at most once per `log_interval` for each kind."""
-        now = time.monotonic()
-        last = self._last_log.get(kind)
-        if last is not None and now - last < self.log_interval:
-            return
-        self._last_log[kind] = now
-        self._troubled = self._troubled or kind != "full"
-        log.log(level, msg, *args)
+    def _note(self, kind: str, level: int, msg: str, *args: Any) -> bool:
+        """:meth:`Troubles._note`; a trouble other than a full buffer is remembered (the
+        recovery is logged once)."""
+        logged = super()._note(kind, level, msg, *args)
+        if logged:
+            self._troubled = self._troubled or kind != "full"
+        return logged
 
     def _run(self) -> None:
         failed = False
