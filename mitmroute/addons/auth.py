@@ -143,7 +143,7 @@ class KeyAuth:
             backend = None
         if master is not None and backend is None:
             try:
-                backend = open_backend(config, keys_file)
+                backend = open_backend(config, keys_file, lambda: self.shared.spend_query)
                 log.info("auth: master key set; virtual keys in %s", backend.where)
             except KeyStoreUnavailable as e:
                 if not self.is_running:  # the store of record is not there: don't start

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mitmroute.config import RouterConfig
 from mitmroute.exchange import Exchange
@@ -25,6 +25,9 @@ class Shared:
     """Called when a virtual key's spend changes (after each settled request)."""
     spend_drop_listeners: list[Callable[[int], None]] = field(default_factory=list)
     """Called with a count of spend rows lost (buffer full, or unwritable at exit); any thread."""
+    spend_query: Callable[[str, Any], list[tuple[Any, ...]]] | None = None
+    """Runs a read query on the spend log file's writer (blocking, off the loop): set by the
+    spend log addon while its writer runs on a local file."""
 
     def publish_config(self, config: RouterConfig) -> None:
         self.config = config

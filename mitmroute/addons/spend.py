@@ -104,6 +104,8 @@ class SpendLog:
             )
         self.target = target
         self.writer.start()
+        # budgets read what keys spent through the writer: the proxy never loads DuckDB
+        self.shared.spend_query = self.writer.query if shared is None else None
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or flows.GATE_KEY not in flow.metadata:

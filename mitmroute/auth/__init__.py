@@ -31,7 +31,7 @@ from mitmroute.auth.keys import (
     RedisKeyStore,
     keys_db_path,
 )
-from mitmroute.auth.ledger import Ledger
+from mitmroute.auth.ledger import Ledger, SpendQuery
 from mitmroute.auth.limits import Limiter, MemoryLimiter, Policy, RedisLimiter
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.auth.pg import PgKeysDB, PgKeyStore, PgRedisKeyStore
@@ -112,9 +112,14 @@ class AuthBackend:
             self.db.close()
 
 
-def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
+def open_backend(
+    config: RouterConfig,
+    db: KeysDB | None = None,
+    spend_query: Callable[[], SpendQuery | None] | None = None,
+) -> AuthBackend:
     """Open the store and limiter `config` asks for (blocking: reads the keys file), on `db`
-    when given (a reload's, from `release_db`). Raises :class:`KeyStoreUnavailable` when
+    when given (a reload's, from `release_db`). `spend_query` finds the running spend writer,
+    which answers the budget ledger's reads. Raises :class:`KeyStoreUnavailable` when
     `database_url` names a PostgreSQL that does not answer."""
     ttl = config.router.timeout + 60.0
     if config.general.database_url:
@@ -129,7 +134,7 @@ def open_backend(config: RouterConfig, db: KeysDB | None = None) -> AuthBackend:
     client = redis_client(target)
     namespace = config.cache.namespace
     link = RedisLink(client, namespace, label=target.label)
-    ledger = Ledger(config.general.spend_db) if path else None
+    ledger = Ledger(config.general.spend_db, writer=spend_query) if path else None
     store = RedisKeyStore(client, namespace, MemoryKeyStore(db), link)
     limiter = RedisLimiter(
         client,

@@ -1,9 +1,11 @@
 """What each virtual key has spent, read back from the spend log (the ledger of record).
 
-The spend log writer (:mod:`mitmroute.spend.writer`) opens ``spend_db`` only for the few ms of
-a flush, so this reader opens it read-only for one query and closes it, retrying while the
-writer holds it. Reads run on one worker thread of their own: the event loop never waits on
-DuckDB. Rows still in the writer's memory (the last ~1 s) or in its spill file are not seen.
+The proxy's spend writer runs in a child process (:mod:`mitmroute.spend.sidecar`), and the
+query goes to it: it runs on the writer's own connection, after the rows the child has received,
+and the proxy never loads DuckDB. Without a running writer for the file (the spend log was not
+started), the file is opened read-only for one query and closed, retried while another process
+holds it. Either way the read runs on a worker thread of its own: the event loop never waits.
+Rows the proxy has not handed to the writer yet (the last ~50 ms) are not seen.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 from mitmroute.auth.limits import usd_to_nanos
 
 log = logging.getLogger("mitmroute.auth")
+
+SpendQuery = Callable[[str, Any], list[tuple[Any, ...]]]
+"""Runs a read query on the spend log's writer (`SpendSidecar.query`): blocking."""
 
 SPEND_SINCE = """
 SELECT w.token, sum(s.cost_usd)
@@ -35,10 +42,19 @@ class LedgerBusy(RuntimeError):
 class Ledger:
     """Read-only access to the spend log file at `path`."""
 
-    def __init__(self, path: str, attempts: int = 40, delay: float = 0.025) -> None:
+    def __init__(
+        self,
+        path: str,
+        attempts: int = 40,
+        delay: float = 0.025,
+        writer: Callable[[], SpendQuery | None] | None = None,
+    ) -> None:
         self.path = Path(path).expanduser()
         self.attempts = attempts
         self.delay = delay
+        self.writer = writer
+        """The running spend writer's query, if any (looked up at each read: the spend log
+        addon starts and replaces its writer on its own)."""
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="mitmroute-ledger")
 
     async def spend_since(self, since: dict[str, float]) -> dict[str, int]:
@@ -49,12 +65,18 @@ class Ledger:
         return await loop.run_in_executor(self._thread, self.read, since)
 
     def read(self, since: dict[str, float]) -> dict[str, int]:
-        """Blocking: the query behind :meth:`spend_since`, retried while the file is locked."""
+        """Blocking: the query behind :meth:`spend_since`."""
+        params = {"tokens": list(since), "since": [float(s) for s in since.values()]}
+        query = self.writer() if self.writer is not None else None
+        rows = query(SPEND_SINCE, params) if query is not None else self._read_file(params)
+        return {token: usd_to_nanos(Decimal(str(total))) for token, total in rows}
+
+    def _read_file(self, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """The query on the file itself, read-only, retried while another process holds it."""
         import duckdb
 
         if not self.path.exists():
-            return {}
-        params = {"tokens": list(since), "since": [float(s) for s in since.values()]}
+            return []
         error: Exception | None = None
         for _ in range(self.attempts):
             try:
@@ -64,12 +86,11 @@ class Ledger:
                 time.sleep(self.delay)
                 continue
             try:
-                rows = con.execute(SPEND_SINCE, params).fetchall()
+                return con.execute(SPEND_SINCE, params).fetchall()
             except duckdb.CatalogException:  # no spend_log table yet
-                return {}
+                return []
             finally:
                 con.close()
-            return {token: usd_to_nanos(Decimal(total)) for token, total in rows}
         raise LedgerBusy(f"{self.path}: still locked after {self.attempts} attempts: {error}")
 
     def close(self) -> None:

@@ -19,7 +19,10 @@ terminal's Ctrl-C reaches the whole process group: the proxy closes it in order)
 close frame or on EOF: a proxy killed by SIGKILL closes the pipe, and the child writes
 everything it got before it exits. Its log lines go to the proxy's stderr.
 
-The proxy process never imports DuckDB for this (the module imports it only in the child).
+Reads go the same way: ``query()`` sends the SQL to the child, whose writer runs it on its own
+connection after the rows it has received (what a virtual key has spent, for budgets: see
+mitmroute.auth.ledger), and answers on stdout. The proxy process never imports DuckDB (the module
+imports it only in the child).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -60,6 +64,11 @@ PIPE_SIZE = 1 << 20
 """The pipe to the child holds this much (Linux's default cap): ~1,600 rows written while the
 child starts (DuckDB's import) are in the pipe, not in the proxy, when a SIGKILL comes."""
 OUTCOMES = ("db", "spill", "rejected", "lost")
+
+
+class SpendQueryError(RuntimeError):
+    """A query the spend sidecar could not answer (not running, died, timed out, or the query
+    failed in DuckDB: the message says which)."""
 
 
 def _frame(message: Any) -> bytes:
@@ -121,6 +130,11 @@ class SpendSidecar(Troubles):
         self._child_stats: dict[str, int] = {}
         self._spill_label = str(self.spill.path)
         self._reader: threading.Thread | None = None
+        self._write_lock = threading.Lock()
+        """Frames go whole to the child: the sender thread and `query()` callers both write."""
+        self._queries: dict[int, Future[list[tuple[Any, ...]]]] = {}
+        """Queries sent to the current child, by id, until it answers (or dies)."""
+        self._query_ids = 0
         self._child_closed: bool | None = None
         """What the child said when it closed (None: it has not)."""
         self._asked = False
@@ -215,6 +229,30 @@ class SpendSidecar(Troubles):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
+
+    def query(self, sql: str, params: Any = None, timeout: float = 10.0) -> list[tuple[Any, ...]]:
+        """Run a read query in the child's writer, after every row the child has received is
+        written: how the proxy reads the spend log without loading DuckDB itself. Values come
+        back as JSON gives them (DECIMAL and TIMESTAMP as text). Blocking: not for the loop.
+        Raises :class:`SpendQueryError`."""
+        self.start()
+        if not self.ready.wait(timeout):
+            raise SpendQueryError(f"the spend sidecar for {self.path} did not start")
+        future: Future[list[tuple[Any, ...]]] = Future()
+        with self._lock:
+            self._query_ids += 1
+            query_id = self._query_ids
+            self._queries[query_id] = future
+        try:
+            if not self._write(("query", (query_id, sql, params, timeout))):
+                raise SpendQueryError(f"the spend sidecar for {self.path} is not running")
+            try:
+                return future.result(timeout)
+            except TimeoutError:
+                raise SpendQueryError(f"no answer from the spend sidecar in {timeout:g}s") from None
+        finally:
+            with self._lock:
+                self._queries.pop(query_id, None)
 
     def summary(self) -> dict[str, int]:
         """Where this run's rows are: recorded = db + spill + rejected + lost + held."""
@@ -316,6 +354,10 @@ class SpendSidecar(Troubles):
         assert child.stdin is not None and child.stdout is not None
         with contextlib.suppress(OSError, AttributeError):  # Linux only; the default else
             fcntl.fcntl(child.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        # the first frame, before other threads can see the child (query() writes too)
+        with contextlib.suppress(OSError, ValueError):
+            child.stdin.write(_frame(("open", target)))
+            child.stdin.flush()
         with self._lock:
             self.child = child
             self._acked = 0
@@ -326,7 +368,6 @@ class SpendSidecar(Troubles):
             target=self._read, args=(child.stdout,), name="spend-sidecar-acks", daemon=True
         )
         self._reader.start()
-        self._write(("open", target))
         if resend:
             log.warning("spend: %d unsettled rows sent again to the new spend sidecar", len(resend))
             self._send(resend)
@@ -429,8 +470,9 @@ class SpendSidecar(Troubles):
         if child is None or child.stdin is None:
             return False
         try:
-            child.stdin.write(data)
-            child.stdin.flush()
+            with self._write_lock:
+                child.stdin.write(data)
+                child.stdin.flush()
         except (OSError, ValueError):  # the child died: the reader sees it, rows are re-sent
             return False
         return True
@@ -450,10 +492,27 @@ class SpendSidecar(Troubles):
             elif "hello" in message:
                 self._spill_label = message["hello"]["spill"]
                 self.ready.set()
+            elif "answer" in message:
+                self._answer(message)
             elif "closed" in message:
                 self._child_closed = bool(message["closed"])
         stdout.close()
+        with self._lock:
+            asked = list(self._queries.values())
+        for future in asked:  # this child will not answer them
+            if not future.done():
+                future.set_exception(SpendQueryError("the spend sidecar exited"))
         self._wake.set()
+
+    def _answer(self, message: dict[str, Any]) -> None:
+        with self._lock:
+            future = self._queries.get(message["answer"])
+        if future is None or future.done():
+            return  # its caller gave up
+        if "error" in message:
+            future.set_exception(SpendQueryError(message["error"]))
+        else:
+            future.set_result([tuple(row) for row in message["rows"]])
 
     def _settle(self, settled: int, outcome: dict[str, int]) -> None:
         with self._lock:
@@ -545,7 +604,7 @@ def main() -> int:
 
     def say(message: dict[str, Any]) -> None:
         with out_lock, contextlib.suppress(OSError, ValueError):
-            out.write(json.dumps(message).encode() + b"\n")
+            out.write(json.dumps(message, default=str).encode() + b"\n")
             out.flush()
 
     options: dict[str, Any] = {"max_buffer": 1 << 62, "on_full": "refuse"}
@@ -566,6 +625,14 @@ def main() -> int:
             last[0] = (n, outcome, stats)
             say({"settled": n, "outcome": outcome, "stats": stats})
 
+    def answer(query_id: int, sql: str, params: Any, timeout: float) -> None:
+        try:
+            rows = writer.query(sql, params, timeout)
+        except Exception as e:  # DuckDB's error, or the writer's timeout: the caller's to see
+            say({"answer": query_id, "error": f"{type(e).__name__}: {e}"})
+            return
+        say({"answer": query_id, "rows": [list(row) for row in rows]})
+
     writer.on_settled = settled
     say({"hello": {"spill": str(writer.spill.path), "pid": os.getpid()}})
     writer.start()
@@ -575,6 +642,8 @@ def main() -> int:
         if kind == "rows":
             for line in body:
                 writer.record_line(line)
+        elif kind == "query":  # answered by a thread: rows keep coming in meanwhile
+            threading.Thread(target=answer, args=body, name="spend-query", daemon=True).start()
         elif kind == "close":
             close_timeout = float(body)
             break

@@ -358,3 +358,34 @@ def test_keys_cli_and_restart_keep_keys_and_spend(start_proxy, backend, tmp_path
     second.stop()
     assert [k["key_alias"] for k in cli("list")["keys"]] == ["from-cli"]
     assert cli("delete", key) == {"deleted_keys": [key]}
+
+
+def test_budget_spent_before_a_restart_and_a_redis_loss_is_read_back_from_the_spend_log(
+    redis_namespace, start_proxy, backend, tmp_path
+):
+    """Redis holds the live counters; after it lost them and the proxy restarted, what the key
+    spent comes back from the spend log, read through the spend writer's child process."""
+    cfg = config(backend.url, spend_db=str(tmp_path / "spend.duckdb"))
+    cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
+                                                "namespace": redis_namespace}}  # fmt: skip
+    first = start_proxy(cfg)
+    key = generate(first, max_budget=HELLO_COST * 1.5)
+    with first.client(api_key=key) as client:
+        for _ in range(2):
+            client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert e.value.code == "insufficient_quota"
+    assert first.stop() == 0  # SIGTERM: every row in the spend log
+
+    client = redis.Redis.from_url(REDIS_URL)  # Redis loses this proxy's counters
+    client.delete(*client.scan_iter(match=f"{redis_namespace}:*", count=500))
+    client.close()
+
+    second = start_proxy(cfg)
+    with second.client(api_key=key) as client:
+        with pytest.raises(openai.RateLimitError) as e:
+            client.chat.completions.create(model="gpt-4o", messages=HELLO)
+        assert e.value.code == "insufficient_quota"
+    assert spend(second, key) == pytest.approx(2 * HELLO_COST)
+    assert "cannot read key spend" not in second.logs()

@@ -8,13 +8,16 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import duckdb
 import pytest
 
-from mitmroute.spend.sidecar import SpendSidecar
+from mitmroute.auth.ledger import SPEND_SINCE, Ledger
+from mitmroute.auth.limits import usd_to_nanos
+from mitmroute.spend.sidecar import SpendQueryError, SpendSidecar
 from tests.conftest import running, wait_gone
 from tests.unit.test_spend_writer import make
 
@@ -85,6 +88,61 @@ def test_the_proxy_side_never_imports_duckdb():
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_queries_run_in_the_child_after_the_rows_it_received(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db)
+    for i in range(40):
+        s.record(make(i))
+    wait_for(lambda: not s._queue)  # handed over, not necessarily written yet
+    rows = s.query("SELECT count(*), sum(cost_usd) FROM spend_log WHERE request_id LIKE $p",
+                   {"p": "req-%"})  # fmt: skip
+    total = sum(make(i).cost_usd for i in range(40))
+    assert rows == [(40, str(total))]  # DECIMAL comes back as its exact text
+    with pytest.raises(SpendQueryError, match="CatalogException"):
+        s.query("SELECT * FROM no_such_table")
+    assert s.query("SELECT 1") == [(1,)]  # the child goes on after a failed query
+
+
+async def test_the_budget_ledger_reads_through_the_sidecar(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db)
+    for i in range(12):
+        s.record(make(i))  # api_key_hash: hash-0 .. hash-3
+    wait_for(lambda: not s._queue)
+    ledger = Ledger(str(db), writer=lambda: s.query)
+    try:
+        found = await ledger.spend_since({"hash-1": 0.0, "hash-9": 0.0})
+    finally:
+        ledger.close()
+    expected = sum(make(i).cost_usd for i in range(12) if i % 4 == 1)
+    assert found == {"hash-1": usd_to_nanos(expected)}
+    assert s.close(10) is True
+    with duckdb.connect(str(db), read_only=True) as con:  # what the file itself says
+        direct = con.execute(SPEND_SINCE, {"tokens": ["hash-1"], "since": [0.0]}).fetchall()
+    assert {t: usd_to_nanos(v) for t, v in direct} == found
+
+
+def test_a_query_whose_child_dies_fails_and_the_next_child_answers(tmp_path, sidecars):
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db, restart_delay=0.1)
+    s.record(make(1))
+    wait_for(lambda: s.summary()["db"] == 1)
+    first = s.child
+    os.kill(first.pid, signal.SIGSTOP)  # it cannot answer: the query waits, then it dies
+    try:
+        threading.Timer(0.3, lambda: os.kill(first.pid, signal.SIGKILL)).start()
+        with pytest.raises(SpendQueryError, match="exited"):
+            s.query("SELECT count(*) FROM spend_log", timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGKILL)
+    wait_for(lambda: s.child is not None and s.child is not first)
+    assert s.query("SELECT count(*) FROM spend_log") == [(1,)]
+    with pytest.raises(SpendQueryError, match="no answer"):
+        os.kill(s.child.pid, signal.SIGSTOP)
+        s.query("SELECT 1", timeout=0.3)
 
 
 def test_a_killed_child_is_replaced_and_nothing_is_lost_or_doubled(tmp_path, sidecars):
