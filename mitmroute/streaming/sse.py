@@ -112,6 +112,8 @@ class ChunkAssembler:
             self._add_choice(choice)
 
     def _add_choice(self, choice: dict[str, Any]) -> None:
+        # text comes in pieces, one per chunk: kept in lists and joined once at the end (adding
+        # each piece to a string held in a dict copies it whole: quadratic on long answers)
         index = choice.get("index", 0)
         acc = self._choices.setdefault(
             index,
@@ -121,31 +123,31 @@ class ChunkAssembler:
                 "tool_calls": {},
                 "finish_reason": None,
                 "refusal": None,
+                "reasoning_content": [],
             },
         )
         delta = choice.get("delta") or {}
         if delta.get("role"):
             acc["role"] = delta["role"]
         if delta.get("content") is not None:
-            acc["content"] = (acc["content"] or "") + delta["content"]
+            _piece(acc, "content", delta["content"])
         if isinstance(choice.get("text"), str):  # legacy /v1/completions chunks
-            acc["content"] = (acc["content"] or "") + choice["text"]
+            _piece(acc, "content", choice["text"])
         if delta.get("reasoning_content"):
-            acc["reasoning_content"] = acc.get("reasoning_content", "") + delta["reasoning_content"]
+            acc["reasoning_content"].append(delta["reasoning_content"])
         if delta.get("refusal") is not None:
-            acc["refusal"] = (acc["refusal"] or "") + delta["refusal"]
+            _piece(acc, "refusal", delta["refusal"])
         for call in delta.get("tool_calls") or ():
             slot = acc["tool_calls"].setdefault(
-                call.get("index", 0),
-                {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                call.get("index", 0), {"id": None, "name": [], "arguments": []}
             )
             if call.get("id"):
                 slot["id"] = call["id"]
             fn = call.get("function") or {}
             if fn.get("name"):
-                slot["function"]["name"] += fn["name"]
+                slot["name"].append(fn["name"])
             if fn.get("arguments"):
-                slot["function"]["arguments"] += fn["arguments"]
+                slot["arguments"].append(fn["arguments"])
         if choice.get("finish_reason"):
             acc["finish_reason"] = choice["finish_reason"]
 
@@ -156,11 +158,12 @@ class ChunkAssembler:
 
     def text(self) -> str:
         """All generated text and tool arguments, for token estimates."""
-        parts = []
+        parts: list[str] = []
         for c in self._choices.values():
-            parts.append(c["content"] or "")
+            parts += c["content"] or ()
             for call in c["tool_calls"].values():
-                parts.append(call["function"]["name"] + call["function"]["arguments"])
+                parts += call["name"]
+                parts += call["arguments"]
         return "".join(parts)
 
     def completion(self) -> dict[str, Any]:
@@ -168,13 +171,15 @@ class ChunkAssembler:
         choices = []
         for index in sorted(self._choices):
             c = self._choices[index]
-            message: dict[str, Any] = {"role": c["role"], "content": c["content"]}
+            message: dict[str, Any] = {"role": c["role"], "content": _joined(c["content"])}
             if c["refusal"] is not None:
-                message["refusal"] = c["refusal"]
-            if c.get("reasoning_content"):
-                message["reasoning_content"] = c["reasoning_content"]
+                message["refusal"] = "".join(c["refusal"])
+            if c["reasoning_content"]:
+                message["reasoning_content"] = "".join(c["reasoning_content"])
             if c["tool_calls"]:
-                message["tool_calls"] = [c["tool_calls"][i] for i in sorted(c["tool_calls"])]
+                message["tool_calls"] = [
+                    _tool_call(c["tool_calls"][i]) for i in sorted(c["tool_calls"])
+                ]
             choices.append(
                 {
                     "index": index,
@@ -195,3 +200,24 @@ class ChunkAssembler:
         if self.usage is not None:
             body["usage"] = self.usage.to_openai()
         return body
+
+
+def _piece(acc: dict[str, Any], key: str, text: str) -> None:
+    """Add `text` to the pieces of `acc[key]` (None until the first: `content` stays null in a
+    tool-call-only answer)."""
+    if acc[key] is None:
+        acc[key] = [text]
+    else:
+        acc[key].append(text)
+
+
+def _joined(pieces: list[str] | None) -> str | None:
+    return None if pieces is None else "".join(pieces)
+
+
+def _tool_call(slot: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": slot["id"],
+        "type": "function",
+        "function": {"name": "".join(slot["name"]), "arguments": "".join(slot["arguments"])},
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -169,3 +170,44 @@ def test_assembler_keeps_reasoning_text():
     assembler.add({"choices": [{"index": 0, "delta": {"content": "42"}, "finish_reason": "stop"}]})
     message = assembler.completion()["choices"][0]["message"]
     assert message["reasoning_content"] == "think hard" and message["content"] == "42"
+
+
+def test_assembler_joins_content_refusal_and_tool_calls_piece_by_piece():
+    assembler = ChunkAssembler()
+    call = {"index": 0, "id": "call_1", "function": {"name": "get_", "arguments": '{"ci'}}
+    assembler.add({"choices": [{"index": 0, "delta": {"role": "assistant", "tool_calls": [call]}}]})
+    more = {"index": 0, "function": {"name": "weather", "arguments": 'ty":"Oslo"}'}}
+    assembler.add({"choices": [{"index": 0, "delta": {"tool_calls": [more]}}]})
+    assembler.add({"choices": [{"index": 1, "delta": {"refusal": "I can"}}]})
+    assembler.add({"choices": [{"index": 1, "delta": {"refusal": "not."}}]})
+    assembler.add({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    assembler.add({"choices": [{"index": 1, "delta": {}, "finish_reason": "stop"}]})
+    first, second = (c["message"] for c in assembler.completion()["choices"])
+    assert first["content"] is None  # a tool-call-only answer has null content, not ""
+    assert first["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+        }
+    ]
+    assert second["refusal"] == "I can" + "not." and second["content"] is None
+    assert assembler.text() == 'get_weather{"city":"Oslo"}'
+    assert assembler.finished
+
+
+def test_assembler_time_per_chunk_does_not_grow_with_the_answer():
+    """Pieces are joined once: 40,000 chunks cost about what 40 x 1,000 do (adding each piece
+    to the text so far copied it whole, ~6x more per chunk at this length)."""
+
+    def per_chunk(n: int) -> float:
+        assembler = ChunkAssembler()
+        chunk = {"choices": [{"index": 0, "delta": {"content": "token "}}]}
+        start = time.process_time()
+        for _ in range(n):
+            assembler.add(chunk)
+        assert len(assembler.completion()["choices"][0]["message"]["content"]) == 6 * n
+        return (time.process_time() - start) / n
+
+    small = min(per_chunk(1_000) for _ in range(3))
+    assert min(per_chunk(40_000) for _ in range(2)) < 3 * small
