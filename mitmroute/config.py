@@ -162,8 +162,10 @@ class Deployment:
     """The model name as the backend knows it (after the provider prefix)."""
     litellm_model: str
     """The `litellm_params.model` as written, e.g. `openai/gpt-4o`."""
-    api_base: str
-    api_key: str | None = None
+    api_base: str = field(repr=False)
+    """As configured: it may carry credentials (user:password@, ?key=); `public_base` not."""
+    api_key: str | None = field(default=None, repr=False)
+    """Never in a repr (nor in a log line or traceback that prints one)."""
     rpm: int | None = None
     tpm: int | None = None
     timeout: float | None = None
@@ -173,12 +175,13 @@ class Deployment:
     cache_read_input_token_cost: float | None = None
     cache_creation_input_token_cost: float | None = None
     weight: float = 1.0
-    extra_headers: dict[str, str] = field(default_factory=dict)
+    extra_headers: dict[str, str] = field(default_factory=dict, repr=False)
+    """May hold credentials too (`api-key`, `x-api-key`): not in a repr either."""
     index: int = 0
     id: str = field(init=False, repr=False, compare=False)
     """A stable, readable identifier for logs and cooldown state (one per entry: two entries
     differing only in their key are two deployments)."""
-    public_base: str = field(init=False, repr=False, compare=False)
+    public_base: str = field(init=False, compare=False)
     """`api_base` without credentials or query: safe for clients, logs and the spend log."""
 
     def __post_init__(self) -> None:

@@ -165,3 +165,25 @@ def test_deployment_id_and_public_base_are_fixed_at_load_without_credentials() -
     made = Deployment("g", "openai", "m", "openai/m", "http://h/v1", index=3)
     assert (made.id, made.public_base) == ("openai/m@http://h/v1#3", "http://h/v1")
     assert made == Deployment("g", "openai", "m", "openai/m", "http://h/v1", index=3)
+
+
+def test_a_deployments_repr_shows_no_credentials():
+    raw = {
+        "model_list": [
+            {
+                "model_name": "m",
+                "litellm_params": {
+                    "model": "openai/gpt-4o",
+                    "api_base": "https://user:pw-in-url@example.com/v1?key=q-secret",
+                    "api_key": "sk-backend-secret",
+                    "extra_headers": {"x-api-key": "hdr-secret"},
+                },
+            }
+        ]
+    }
+    deployment = parse_config(raw, environ={}).deployments[0]
+    assert deployment.api_key == "sk-backend-secret"  # still there for the upstream call
+    assert "example.com" in repr(deployment)  # the public base says which backend it is
+    text = repr(deployment) + str(deployment) + deployment.id + deployment.public_base
+    for secret in ("sk-backend-secret", "hdr-secret", "pw-in-url", "q-secret"):
+        assert secret not in text
