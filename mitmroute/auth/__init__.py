@@ -1,7 +1,8 @@
 """Virtual keys, budgets and rate limits.
 
 :func:`open_backend` decides where keys and limits live. The store of record for keys is the
-DuckDB keys file beside the spend log, and spend is in the spend log; with
+keys file beside the spend log (SQLite, :class:`~mitmroute.auth.keys.KeysDB`), and spend is in
+the spend log; with
 ``general_settings.database_url`` both are in that PostgreSQL database instead (keys and
 per-process budget shares, :mod:`mitmroute.auth.pg`), shared by every proxy on it. With
 ``litellm_settings.cache_params.type: redis`` or ``router_settings.redis_host`` / ``redis_url``,

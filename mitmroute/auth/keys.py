@@ -21,9 +21,14 @@ record, shared by every proxy (:mod:`mitmroute.auth.pg`: ``PgKeysDB``, ``PgKeySt
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import fnmatch
 import json
+import logging
 import secrets
+import sqlite3
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -31,13 +36,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import ConfigError, parse_duration
 from mitmroute.errors import ProxyError
 from mitmroute.request import hash_key
+from mitmroute.spend.sidecar import child_env
 
+log = logging.getLogger("mitmroute.auth")
 T = TypeVar("T")
 __all__ = ["KeyRecord", "KeyStore", "KeyStoreUnavailable", "KeysDB", "MemoryKeyStore",
            "RedisKeyStore", "hash_key"]  # fmt: skip
@@ -230,15 +237,21 @@ def updated(record: KeyRecord, fields: dict[str, Any], now: datetime) -> KeyReco
     return replace(record, **fields, updated_at=now)
 
 
-# --- the DuckDB file -------------------------------------------------------------------------
+# --- the keys file ----------------------------------------------------------------------------
 
 
 def keys_db_path(spend_db: str) -> str | None:
-    """`./spend.duckdb` -> `./spend.keys.duckdb`; None when the spend log is in memory."""
+    """`./spend.duckdb` -> `./spend.keys.sqlite`; None when the spend log is in memory."""
     if not spend_db or spend_db == ":memory:":
         return None
     path = Path(spend_db).expanduser()
-    return str(path.with_name(f"{path.stem}.keys.duckdb"))
+    return str(path.with_name(f"{path.stem}.keys.sqlite"))
+
+
+def legacy_keys_path(path: str) -> Path:
+    """Where earlier versions kept the keys: a DuckDB file, `<stem>.keys.duckdb`."""
+    p = Path(path)
+    return p.with_name(p.name.removesuffix(".sqlite") + ".duckdb")
 
 
 SCHEMA = """
@@ -260,21 +273,33 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 
+class KeysFileBusy(RuntimeError):
+    """Another process holds the keys file (a running proxy, or an older version's on the DuckDB
+    keys file that is to be moved)."""
+
+
 class KeysDB:
-    """The keys file. Methods are blocking; `run` executes one on the writer thread."""
+    """The keys file: SQLite (a few rows written now and then: an OLTP job, and the proxy
+    process loads no DuckDB for it), held by one process at a time. Methods are blocking;
+    `run` executes one on the writer thread.
+
+    A keys file of an older version (`<stem>.keys.duckdb`) is copied into the new one once, by a
+    process of its own (it needs DuckDB), and renamed `<stem>.keys.duckdb.migrated`."""
 
     def __init__(self, path: str) -> None:
-        import duckdb
-
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._held = _hold(path)
         try:
-            # v1.1 storage, like the spend log: DuckDB CLI 1.x can read it too
-            self._conn = duckdb.connect(path, config={"storage_compatibility_version": "v1.1.0"})
-        except duckdb.IOException as e:
-            raise RuntimeError(f"{path}: cannot open the keys file (is another mitmroute "
-                               f"process using it?): {e}") from None  # fmt: skip
-        self._conn.execute(SCHEMA)
+            if not Path(path).stat().st_size and legacy_keys_path(path).exists():
+                migrate_apart(str(legacy_keys_path(path)), path)
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")  # the store of record
+            self._conn.executescript(SCHEMA)
+        except BaseException:
+            self._held.close()
+            raise
         self._lock = threading.Lock()
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mitmroute-keys")
 
@@ -293,7 +318,8 @@ class KeysDB:
                                 record.to_json()])  # fmt: skip
 
     def delete_keys(self, tokens: list[str]) -> None:
-        with self._lock:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
             for token in tokens:
                 self._conn.execute("DELETE FROM keys WHERE token = ?", [token])
                 self._conn.execute("DELETE FROM key_spend WHERE token = ?", [token])
@@ -306,7 +332,8 @@ class KeysDB:
     def save_spend(self, rows: list[tuple[str, int, int]]) -> None:
         if not rows:
             return
-        with self._lock:
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN")
             self._conn.executemany("INSERT OR REPLACE INTO key_spend VALUES (?, ?, ?)", rows)
 
     def ledger_id(self) -> str:
@@ -324,6 +351,36 @@ class KeysDB:
         self._writer.shutdown(wait=True)
         with self._lock:
             self._conn.close()
+            self._held.close()
+
+
+def _hold(path: str) -> IO[bytes]:
+    """Open (or create) the keys file and lock it for this process: a second proxy on the same
+    file would keep keys of its own in memory, so it is refused, as DuckDB's lock did."""
+    held = open(path, "ab")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        held.close()
+        raise KeysFileBusy(f"{path}: cannot open the keys file (is another mitmroute "
+                           f"process using it?): {e}") from None  # fmt: skip
+    return held
+
+
+def migrate_apart(legacy: str, path: str) -> None:
+    """Copy a DuckDB keys file into the (empty) SQLite one at `path`, in a child process: the
+    proxy never loads DuckDB. Raises KeysFileBusy with the child's message."""
+    out = subprocess.run(
+        [sys.executable, "-m", "mitmroute.auth.keys_migrate", legacy, path],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+    )
+    if out.returncode != 0:
+        detail = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise KeysFileBusy(f"{legacy}: cannot open the keys file (is another mitmroute "
+                           f"process using it?): {detail}")  # fmt: skip
+    log.info("auth: keys moved from %s to %s (%s)", legacy, path, out.stdout.strip())
 
 
 # --- stores ----------------------------------------------------------------------------------

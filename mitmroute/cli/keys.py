@@ -9,7 +9,7 @@
     mitmroute keys delete KEY [KEY ...]
     mitmroute keys list [--alias A] [--team T]
 
-Keys live in the DuckDB keys file beside the spend log (<spend_db>.keys.duckdb) and, when the
+Keys live in the keys file beside the spend log (<spend_db>.keys.sqlite, SQLite) and, when the
 config names a Redis, in its shared cache too. A running proxy holds that file: while it runs,
 use its /key/* API (see the README). With general_settings.database_url the keys are in that
 PostgreSQL database (schema mitmroute), which any number of proxies and this command share:
@@ -123,19 +123,20 @@ def add_options(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import duckdb
+    import sqlite3
 
     from mitmroute.auth import KeyStoreUnavailable, RedisDown
+    from mitmroute.auth.keys import KeysFileBusy
 
     method, path, body = key_api_call(args)
     _, config = configs.load(args.config, "keys")
     try:
         status, answer = asyncio.run(call(config, method, path, body))
-    except duckdb.Error as e:
-        if "lock" in str(e).lower():
-            raise CliError(
-                "the keys file is held by a running proxy: use its /key/* API while it runs"
-            ) from None
+    except KeysFileBusy:
+        raise CliError(
+            "the keys file is held by a running proxy: use its /key/* API while it runs"
+        ) from None
+    except sqlite3.Error as e:
         raise CliError(f"keys file: {' '.join(str(e).split())}") from None
     except (RuntimeError, ValueError, KeyStoreUnavailable) as e:
         raise CliError(str(e), 2) from None

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from decimal import Decimal
+from pathlib import Path
 
 import openai
 import pytest
@@ -341,7 +342,7 @@ def test_keys_cli_and_restart_keep_keys_and_spend(start_proxy, backend, tmp_path
     made = cli("generate", "--alias", "from-cli", "--team", "team-b", "--models", "gpt-4o",
                "--max-budget", "1", "--budget-duration", "30d")  # fmt: skip
     key = made["key"]
-    assert (tmp_path / "spend.keys.duckdb").exists()
+    assert (tmp_path / "spend.keys.sqlite").exists()
 
     first = start_proxy(cfg)
     with first.client(api_key=key) as client:
@@ -389,3 +390,5 @@ def test_budget_spent_before_a_restart_and_a_redis_loss_is_read_back_from_the_sp
         assert e.value.code == "insufficient_quota"
     assert spend(second, key) == pytest.approx(2 * HELLO_COST)
     assert "cannot read key spend" not in second.logs()
+    # keys in the SQLite keys file, spend read through the writer's process: no DuckDB in here
+    assert "duckdb" not in Path(f"/proc/{second.proc.pid}/maps").read_text()

@@ -57,7 +57,7 @@ async def link(own_redis):
 
 @pytest.fixture
 def keys_db(tmp_path):
-    db = KeysDB(str(tmp_path / "spend.keys.duckdb"))
+    db = KeysDB(str(tmp_path / "spend.keys.sqlite"))
     yield db
     db.close()
 
@@ -402,7 +402,7 @@ async def test_the_backend_keeps_keys_on_disk_and_follows_the_policy(tmp_path, o
             await backend.store.get(made.token)
     finally:
         await backend.close()
-    db = KeysDB(str(tmp_path / "spend.keys.duckdb"))
+    db = KeysDB(str(tmp_path / "spend.keys.sqlite"))
     try:
         assert [r.token for r in db.load_keys()] == [made.token]
     finally:

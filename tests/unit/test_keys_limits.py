@@ -159,7 +159,7 @@ async def test_forget_drops_a_keys_state(limiter):
 
 
 async def test_memory_spend_is_persisted(tmp_path):
-    db = KeysDB(str(tmp_path / "k.duckdb"))
+    db = KeysDB(str(tmp_path / "k.keys.sqlite"))
     limiter = MemoryLimiter(db)
     p = policy(max_budget=100)
     v = await limiter.admit(p, 0, T0)

@@ -94,6 +94,6 @@ def test_null_clears_a_field():
 
 
 def test_keys_file_sits_beside_the_spend_log():
-    assert keys_db_path("./data/spend.duckdb") == "data/spend.keys.duckdb"
-    assert keys_db_path("/var/x/log.db") == "/var/x/log.keys.duckdb"
+    assert keys_db_path("./data/spend.duckdb") == "data/spend.keys.sqlite"
+    assert keys_db_path("/var/x/log.db") == "/var/x/log.keys.sqlite"
     assert keys_db_path(":memory:") is None

@@ -7,10 +7,18 @@ import sys
 import uuid
 from datetime import UTC, datetime
 
+import duckdb
 import pytest
 import redis.asyncio as aioredis
 
-from mitmroute.auth.keys import KeysDB, MemoryKeyStore, RedisKeyStore, make_record, new_key
+from mitmroute.auth.keys import (
+    SCHEMA,
+    KeysDB,
+    MemoryKeyStore,
+    RedisKeyStore,
+    make_record,
+    new_key,
+)
 
 REDIS_URL = "redis://127.0.0.1:6379/12"
 NOW = datetime(2026, 11, 24, tzinfo=UTC)
@@ -29,7 +37,7 @@ async def redis_store():
 
 @pytest.fixture
 def memory_store(tmp_path):
-    db = KeysDB(str(tmp_path / "spend.keys.duckdb"))
+    db = KeysDB(str(tmp_path / "spend.keys.sqlite"))
     yield MemoryKeyStore(db)
     db.close()
 
@@ -65,7 +73,7 @@ async def test_aliases_are_unique_and_follow_renames(store):
 
 
 async def test_the_keys_file_keeps_keys_and_spend_across_restarts(tmp_path):
-    path = str(tmp_path / "spend.keys.duckdb")
+    path = str(tmp_path / "spend.keys.sqlite")
     db = KeysDB(path)
     record = make_record(new_key(), {"key_alias": "kept"}, NOW)
     await MemoryKeyStore(db).put(record)
@@ -76,9 +84,42 @@ async def test_the_keys_file_keeps_keys_and_spend_across_restarts(tmp_path):
     try:
         assert await MemoryKeyStore(db).get(record.token) == record
         assert db.load_spend() == {record.token: (3, 1234)}
-        # DuckDB lets one process hold the file: another one gets a clear message
+        # one process holds the file: another one gets a clear message
         probe = f"from mitmroute.auth.keys import KeysDB; KeysDB({path!r})"
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
         assert out.returncode != 0 and "cannot open the keys file" in out.stderr
+    finally:
+        db.close()
+
+
+async def test_a_duckdb_keys_file_of_an_earlier_version_is_moved_once(tmp_path):
+    legacy = tmp_path / "spend.keys.duckdb"
+    record = make_record(new_key(), {"key_alias": "old", "max_budget": 5}, NOW)
+    con = duckdb.connect(str(legacy))
+    con.execute(SCHEMA)
+    con.execute("INSERT INTO keys VALUES (?, ?, ?, ?)",
+                [record.token, record.key_alias, record.team_id, record.to_json()])  # fmt: skip
+    con.execute("INSERT INTO key_spend VALUES (?, 7, 4321)", [record.token])
+    con.execute("INSERT INTO meta VALUES ('ledger_id', 'ledger-of-old')")
+    held = con  # an old proxy still running on it: the move waits for it, nothing is lost
+    path = str(tmp_path / "spend.keys.sqlite")
+    with pytest.raises(RuntimeError, match="cannot open the keys file"):
+        KeysDB(path)
+    held.close()
+
+    probe = (
+        "import sys; from mitmroute.auth.keys import KeysDB; db = KeysDB(sys.argv[1]); "
+        "print(len(db.load_keys()), db.load_spend(), db.ledger_id(), 'duckdb' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    token = record.token
+    assert out.stdout.split("\n")[0] == f"1 {{'{token}': (7, 4321)}} ledger-of-old False"
+    assert not legacy.exists() and (tmp_path / "spend.keys.duckdb.migrated").exists()
+
+    db = KeysDB(path)  # again: nothing left to move, the keys are in the new file
+    try:
+        assert await MemoryKeyStore(db).get(record.token) == record
+        assert db.ledger_id() == "ledger-of-old"
     finally:
         db.close()
