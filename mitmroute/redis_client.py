@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
+if TYPE_CHECKING:  # redis-py (~6 MB) is imported by connect(): only a config naming Redis
+    import redis.asyncio as aioredis
 
-if TYPE_CHECKING:
     from mitmroute.config import RouterConfig
 
 
@@ -70,6 +67,11 @@ def connect(
     `retries` immediate retries (no backoff) on a connection error: 1 lets a pooled connection
     that a Redis restart broke reconnect within the same call.
     """
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.maint_notifications import MaintNotificationsConfig
+
     common: dict[str, Any] = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,

@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from redis.exceptions import ResponseError
-
 from mitmroute.redis_client import Breaker
 
 log = logging.getLogger("mitmroute.auth")
@@ -110,9 +108,9 @@ class RedisLink:
             if not task.done() and not await self._finish(task, started, budget):
                 raise TimeoutError(f"no answer in {(time.monotonic() - started) * 1000:.0f} ms")
             result = task.result()
-        except ResponseError as e:  # Redis answered: an error, not an outage
-            raise RedisDown(f"redis at {self.label}: {e}") from e
         except Exception as e:
+            if _answered(e):  # Redis answered: an error, not an outage
+                raise RedisDown(f"redis at {self.label}: {e}") from e
             self._failed(e)
             raise RedisDown(f"redis at {self.label}: {type(e).__name__}: {e}") from e
         finally:
@@ -272,3 +270,10 @@ class RedisLink:
 
 def _text(value: Any) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _answered(error: Exception) -> bool:
+    """Redis answered the command with an error (a script's, a wrong type): not an outage."""
+    from redis.exceptions import ResponseError  # loaded by then: the client raised it
+
+    return isinstance(error, ResponseError)

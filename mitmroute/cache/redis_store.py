@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
-
-import redis.asyncio as aioredis
+from typing import TYPE_CHECKING, Any
 
 from mitmroute.config import CacheSettings
 from mitmroute.redis_client import Breaker, GuardedCalls, connect, label
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 __all__ = ["DEFAULT_TIMEOUT", "DEFAULT_TTL", "Breaker", "RedisStore"]
 

@@ -430,3 +430,13 @@ async def test_a_reload_that_moves_limits_to_redis_keeps_the_keys(tmp_path, own_
     await auth.request(flow)
     assert flow.response is None and IDENTITY_KEY in flow.metadata
     await auth.done()
+
+
+async def test_an_error_redis_answers_is_not_an_outage(link):
+    """WRONGTYPE and the like are Redis's answer: the call fails, the breaker stays closed."""
+    await link.client.set("t:not-a-hash", "x")
+    for _ in range(link.breaker.threshold + 2):
+        with pytest.raises(RedisDown, match="WRONGTYPE"):
+            await link.call(lambda: link.client.hget("t:not-a-hash", "f"))
+    assert link.up
+    assert await link.call(lambda: link.client.get("t:not-a-hash")) == b"x"
