@@ -136,8 +136,11 @@ def services(tmp: Path, args: argparse.Namespace) -> dict[str, bench.Service]:
     return out
 
 
-async def drive(session, url: str, kwargs: dict, stream: bool, n: int) -> int:
-    """n requests one at a time; the number that failed."""
+async def drive(
+    session, url: str, kwargs: dict, stream: bool, n: int, ttfc: list[float] | None = None
+) -> int:
+    """n requests one at a time; the number that failed. Each stream's time to its first
+    chunk (ms) goes to `ttfc`."""
     body = json.dumps(
         {
             "model": "bench",
@@ -148,8 +151,14 @@ async def drive(session, url: str, kwargs: dict, stream: bool, n: int) -> int:
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     failed = 0
     for _ in range(n):
+        t0 = time.perf_counter()
         async with session.post(url, data=body, headers=headers, **kwargs) as resp:
-            data = await resp.read()
+            if stream and ttfc is not None:
+                data = await resp.content.readany()
+                ttfc.append((time.perf_counter() - t0) * 1000)
+                data += await resp.read()
+            else:
+                data = await resp.read()
             ok = resp.status == 200 and (
                 data.rstrip().endswith(b"[DONE]") if stream else b'"choices"' in data
             )
@@ -167,6 +176,7 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
     split: dict[tuple[str, str], dict[str, list[float]]] = {
         (t, k): {} for t in targets for k in KINDS
     }
+    ttfc: dict[str, list[float]] = {t: [] for t in targets}
     failed = 0
     rss: dict[str, list[float]] = {t: [] for t in targets}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4, ssl=ctx)) as session:
@@ -198,7 +208,8 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
             for t in targets[r % len(targets) :] + targets[: r % len(targets)]:
                 for kind in KINDS:
                     before, threads = procs[t].stats()["cpu"], thread_times(procs[t].proc.pid)
-                    failed += await drive(session, url, kw(t), kind == "stream", args.requests)
+                    stream = kind == "stream"
+                    failed += await drive(session, url, kw(t), stream, args.requests, ttfc[t])
                     used = procs[t].stats()["cpu"] - before
                     cpu[t, kind].append(used * 1e6 / args.requests)
                     after = thread_times(procs[t].proc.pid)
@@ -215,6 +226,7 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
                     procs[t], lambda t=t: drive(session, url, kw(t), True, args.requests)
                 )
     return {
+        "ttfc_ms": ttfc,
         "split_us": {
             f"{t}/{k}": {name: median(v) for name, v in by.items()} for (t, k), by in split.items()
         },
@@ -467,6 +479,12 @@ def main() -> int:
                 f"{t} {median(mr):6.0f} [{min(mr):.0f}..{max(mr):.0f}]  "
                 f"= {median(ratios):.2f}x (+{median(mr) - median(bare):.0f})"
             )
+    for t in (t for t in procs if t != "fake"):
+        times = sorted(result["ttfc_ms"][t])
+        print(
+            f"{t:10s} time to first chunk ms: p50 {median(times):.2f}, "
+            f"p90 {times[int(len(times) * 0.9)]:.2f}"
+        )
     for t in (t for t in procs if t != "fake"):
         print(
             f"{t:10s} RSS MB at start {result['rss_at_start_mb'][t]:.1f}, after warm-up and "
