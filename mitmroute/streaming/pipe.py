@@ -65,6 +65,48 @@ def _carries(choice: Any) -> bool:
     )
 
 
+class StallWatch:
+    """Fails a read of `content` that has waited `timeout` seconds for data.
+
+    One timer a stream, re-armed only when it fires; a read just notes when it began and
+    ended. (`asyncio.wait_for` around each read costs a timeout context and a timer a chunk.)
+    Time the consumer spends elsewhere (writing to a slow client) is not a stall."""
+
+    __slots__ = ("_content", "_handle", "_loop", "_timeout", "reading_since")
+
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._content = content
+        self._timeout = timeout
+        self.reading_since: float | None = None
+        """When the read now waiting began (`loop.time()`), None between reads."""
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.reading_since
+        if since is not None and now - since >= self._timeout:
+            self._content.set_exception(TimeoutError())
+            return
+        due = (since if since is not None else now) + self._timeout
+        self._handle = self._loop.call_at(due, self._check)
+
+    async def read(self) -> bytes:
+        """The next bytes of the stream (b"" at its end); TimeoutError when they stall."""
+        self.reading_since = self._loop.time()
+        try:
+            return await self._content.readany()
+        finally:
+            self.reading_since = None
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
+async def _read_unwatched(content: aiohttp.StreamReader) -> bytes:
+    return await content.readany()
+
+
 def _tee(chunks: list[dict[str, Any]], assembler: ChunkAssembler, tee: NativeTee) -> bytes:
     for chunk in chunks:
         assembler.add(chunk)
@@ -104,12 +146,14 @@ async def pipe_stream(
         render = functools.partial(_tee, assembler=assembler, tee=translator)
     else:
         render = functools.partial(_render, assembler=assembler, include_usage=include_usage)
+    watch = StallWatch(resp.content, opened.read_timeout) if opened.read_timeout else None
+    read = watch.read if watch is not None else functools.partial(_read_unwatched, resp.content)
     try:
         first = render(opened.first)
         exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
         yield first
         while True:
-            data = await asyncio.wait_for(resp.content.readany(), opened.read_timeout)
+            data = await read()
             if not data:
                 break
             if out := render(translator.feed(data)):
@@ -144,6 +188,8 @@ async def pipe_stream(
         message = f"{label} sent a stream that could not be read: {type(e).__name__}"
         yield _failure(opened, message, 502, "server_error", "bad_upstream_stream")
     finally:
+        if watch is not None:
+            watch.close()
         resp.close()
         complete = exchange.error_type is None and (translator.done or assembler.finished)
         on_end(assembler, complete)
