@@ -22,13 +22,24 @@ import aiohttp
 
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange, Usage
+from mitmroute.providers.base import StreamTranslator
 from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error, encode_native_error
 from mitmroute.upstream import NativeTee, OpenStream
 
 
-def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usage: bool) -> bytes:
+def _render(
+    chunks: list[dict[str, Any]],
+    assembler: ChunkAssembler,
+    include_usage: bool,
+    translator: StreamTranslator,
+) -> bytes:
+    """The client's bytes for `chunks`: each as the backend sent it when the translator kept
+    that (`last_events`) and the chunk goes unchanged, else encoded anew."""
+    events = translator.last_events
+    if events is not None and len(events) != len(chunks):
+        events = None  # not the events of these chunks
     out = []
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         assembler.add(chunk)
         if "usage" in chunk and not include_usage:
             # The proxy asked for usage, the client didn't: take it out without a trace. A
@@ -36,6 +47,9 @@ def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usa
             if chunk["usage"] is not None and not any(map(_carries, chunk.get("choices") or ())):
                 continue
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        elif events is not None:
+            out.append(events[i])
+            continue
         out.append(encode(chunk))
     return b"".join(out)
 
@@ -145,7 +159,9 @@ async def pipe_stream(
     if isinstance(translator, NativeTee):
         render = functools.partial(_tee, assembler=assembler, tee=translator)
     else:
-        render = functools.partial(_render, assembler=assembler, include_usage=include_usage)
+        render = functools.partial(
+            _render, assembler=assembler, include_usage=include_usage, translator=translator
+        )
     watch = StallWatch(resp.content, opened.read_timeout) if opened.read_timeout else None
     read = watch.read if watch is not None else functools.partial(_read_unwatched, resp.content)
     try:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 
+import pytest
 from aiohttp import web
 
 from mitmroute.config import parse_config
@@ -171,3 +172,49 @@ async def test_a_consumer_slower_than_the_stream_timeout_is_not_a_stall():
     events = SSEParser().feed(raw)
     assert events[-1].data == "[DONE]"
     assert b"error" not in raw
+
+
+@pytest.mark.parametrize("api_key", [None, "sk-backend-secret-0123456789"])
+async def test_unchanged_chunks_go_to_an_openai_client_byte_for_byte(api_key):
+    """No re-encoding where the dialect matches: the backend's own bytes (its spacing, its
+    UTF-8), while the usage chunk the client did not ask for is still taken out."""
+    sent = [_chunk({"content": "héllo"}), _chunk({}, "stop")]
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    usage = {**base, "choices": [], "usage": ANSWER["usage"]}
+
+    async def backend(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        body = sent[0].replace(b'"h\\u00e9llo"', '"héllo"'.encode())  # raw UTF-8, as some send
+        sent[0] = body
+        await resp.write(body)
+        await resp.write(sent[1] + b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    runner, url = await serve(backend)
+    params = {"model": "openai/m", "api_base": url, "api_key": api_key}  # a key: redacted
+    engine = Engine(parse_config({"model_list": [{"model_name": "m", "litellm_params": params}]}))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        reply = await engine.handle(
+            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        )
+        assert reply.stream is not None
+        raw = b"".join([chunk async for chunk in reply.stream])
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    assert raw == sent[0] + sent[1] + b"data: [DONE]\n\n"
+
+
+def test_a_data_field_of_several_lines_is_encoded_anew_as_one_line():
+    from mitmroute.providers.openai import OpenAIStream
+    from mitmroute.streaming.pipe import _render
+    from mitmroute.streaming.sse import ChunkAssembler
+
+    stream = OpenAIStream("openai")
+    chunks = stream.feed(b'data: {"id": "c",\ndata: "choices": []}\n\n')
+    assert stream.last_events is None
+    out = _render(chunks, ChunkAssembler(), False, stream)
+    assert out == b'data: {"id":"c","choices":[]}\n\n'
