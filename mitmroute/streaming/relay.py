@@ -118,13 +118,9 @@ class StreamRelay:
         timer.cancel()
         lines = [f"HTTP/1.1 {stream.status} OK", "transfer-encoding: chunked"]
         lines += [f"{k}: {v}" for k, v in stream.headers.items()]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
         chunks = stream.chunks
         try:
-            # The first chunk is already in memory (the router waited for it): it goes out in
-            # the same write as the head, one segment, so mitmproxy reads both at once.
-            first = await anext(chunks, b"")
-            writer.write(head + (b"%x\r\n%b\r\n" % (len(first), first) if first else b""))
             async for chunk in chunks:
                 if chunk:
                     writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))

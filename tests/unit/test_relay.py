@@ -89,28 +89,6 @@ class _RecordingWriter:
         return None
 
 
-async def test_relay_sends_the_head_and_the_first_chunk_in_one_write():
-    """One write, one segment: mitmproxy reads the headers and the first chunk at once."""
-    relay = StreamRelay()
-
-    async def chunks():
-        yield b"data: one\n\n"
-        yield b"data: two\n\n"
-
-    path = relay.register(RelayedStream(200, {"content-type": "text/event-stream"}, chunks()))
-    writer = _RecordingWriter()
-    keep_alive = await relay._answer(
-        f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode(),
-        asyncio.StreamReader(),
-        writer,  # type: ignore[arg-type]
-    )
-    assert keep_alive
-    first = writer.writes[0]
-    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert first.endswith(b"\r\n\r\nb\r\ndata: one\n\n\r\n")
-    assert b"".join(writer.writes[1:]) == b"b\r\ndata: two\n\n\r\n0\r\n\r\n"
-
-
 async def test_relay_answers_an_empty_stream_with_its_head_and_the_last_chunk():
     relay = StreamRelay()
 
