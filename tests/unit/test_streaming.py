@@ -169,3 +169,13 @@ def test_assembler_keeps_reasoning_text():
     assembler.add({"choices": [{"index": 0, "delta": {"content": "42"}, "finish_reason": "stop"}]})
     message = assembler.completion()["choices"][0]["message"]
     assert message["reasoning_content"] == "think hard" and message["content"] == "42"
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b"data: {}", b"data:  two spaces", b"data: ", b"data:{}", b"data: a\ndata: b", b"data: \xff"],
+)
+def test_sse_parser_one_data_line_reads_as_the_general_parser_does(block):
+    from mitmroute.streaming.sse import _parse_block
+
+    assert SSEParser().feed(block + b"\n\n") == [_parse_block(block.decode("utf-8", "replace"))]
