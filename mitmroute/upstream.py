@@ -130,6 +130,10 @@ class RedactedStream(StreamTranslator):
     def done(self) -> bool:
         return self._inner.done
 
+    @property
+    def last_events(self) -> list[bytes] | None:  # type: ignore[override]
+        return self._inner.last_events
+
 
 class NativeTee(StreamTranslator):
     """A native stream: its (redacted) bytes are kept for the client as they are, and still

@@ -14,6 +14,7 @@ parsed, assembled and re-encoded).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -108,7 +109,9 @@ def case_stream_chunk() -> Callable[[], Any]:
 
     data = b"data: " + json.dumps(CHUNK).encode() + b"\n\n"
     stream = OpenAIStream("openai")
-    return lambda: _render(stream.feed(data), ChunkAssembler(), False)
+    # _render takes the translator since it passes unchanged chunks' bytes on as they came
+    more = (stream,) if "translator" in inspect.signature(_render).parameters else ()
+    return lambda: _render(stream.feed(data), ChunkAssembler(), False, *more)
 
 
 CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith("case_")}

@@ -8,12 +8,20 @@ Starts `scripts/bench.py`'s fake OpenAI backend, a bare mitmdump (the host rewri
 mitmroute (spend log on, no cache), drives the same requests through each at concurrency 1,
 chat and streamed, the targets interleaved over rounds, and prints the proxy process's CPU
 (utime + stime from /proc) per request and its RSS. That is repeatable enough on a busy machine
-because it counts the proxy's own CPU, not the wall clock.
+because it counts the proxy's own CPU, not the wall clock. A streamed answer's chunks come
+`--stream-gap-ms` apart (1 ms, as in bench.py's stream scenario; 60 ms under `--callgrind`), so
+that each reaches the proxy in a read of its own, as a real model's tokens do.
 
 `--cprofile` runs mitmroute's event loop under cProfile (scripts/profile_addon.py) and prints
 self time per component (mitmroute module, library, mitmproxy) in µs per request; `--memory`
 runs it with tracemalloc and prints the top allocation sites after the load. Both slow the
 proxy: their CPU figures are for shares, not for the ratio to bare.
+
+`--split` also prints, per target and kind, the proxy process's user and system CPU per request
+by thread (from /proc/PID/task/*/stat), so kernel time and other threads show apart from the
+event loop's own. `--strace` (one round, after the timed ones) counts the syscalls each proxy
+process makes per request, all threads, with `strace -c -f`: strace slows the proxy, so only
+its counts are figures.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ def services(tmp: Path, args: argparse.Namespace) -> dict[str, bench.Service]:
                 "--serve-fake",
                 str(fake_port),
                 "--stream-gap-ms",
-                "0",
+                str(args.stream_gap_ms),
             ],
             fake_port,
             tmp / "fake.log",
@@ -128,8 +136,11 @@ def services(tmp: Path, args: argparse.Namespace) -> dict[str, bench.Service]:
     return out
 
 
-async def drive(session, url: str, kwargs: dict, stream: bool, n: int) -> int:
-    """n requests one at a time; the number that failed."""
+async def drive(
+    session, url: str, kwargs: dict, stream: bool, n: int, ttfc: list[float] | None = None
+) -> int:
+    """n requests one at a time; the number that failed. Each stream's time to its first
+    chunk (ms) goes to `ttfc`."""
     body = json.dumps(
         {
             "model": "bench",
@@ -140,8 +151,14 @@ async def drive(session, url: str, kwargs: dict, stream: bool, n: int) -> int:
     headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
     failed = 0
     for _ in range(n):
+        t0 = time.perf_counter()
         async with session.post(url, data=body, headers=headers, **kwargs) as resp:
-            data = await resp.read()
+            if stream and ttfc is not None:
+                data = await resp.content.readany()
+                ttfc.append((time.perf_counter() - t0) * 1000)
+                data += await resp.read()
+            else:
+                data = await resp.read()
             ok = resp.status == 200 and (
                 data.rstrip().endswith(b"[DONE]") if stream else b'"choices"' in data
             )
@@ -156,6 +173,10 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
     targets = [t for t in procs if t != "fake"]
     cpu: dict[tuple[str, str], list[float]] = {(t, k): [] for t in targets for k in KINDS}
     loop: dict[tuple[str, str], list[float]] = {(t, k): [] for t in targets for k in KINDS}
+    split: dict[tuple[str, str], dict[str, list[float]]] = {
+        (t, k): {} for t in targets for k in KINDS
+    }
+    ttfc: dict[str, list[float]] = {t: [] for t in targets}
     failed = 0
     rss: dict[str, list[float]] = {t: [] for t in targets}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4, ssl=ctx)) as session:
@@ -186,12 +207,30 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
         for r in range(args.rounds):
             for t in targets[r % len(targets) :] + targets[: r % len(targets)]:
                 for kind in KINDS:
-                    before = procs[t].stats()["cpu"]
-                    failed += await drive(session, url, kw(t), kind == "stream", args.requests)
+                    before, threads = procs[t].stats()["cpu"], thread_times(procs[t].proc.pid)
+                    stream = kind == "stream"
+                    failed += await drive(session, url, kw(t), stream, args.requests, ttfc[t])
                     used = procs[t].stats()["cpu"] - before
                     cpu[t, kind].append(used * 1e6 / args.requests)
+                    after = thread_times(procs[t].proc.pid)
+                    for key, times in after.items():
+                        was = threads.get(key, (0.0, 0.0))
+                        for what, now, then in zip(("user", "sys"), times, was, strict=True):
+                            per = (now - then) * 1e6 / args.requests
+                            split[t, kind].setdefault(f"{key} {what}", []).append(per)
                 rss[t].append(procs[t].stats()["VmRSS"] / 1024)
+        syscalls: dict[str, dict[str, float]] = {}
+        if args.strace:
+            for t in targets:
+                syscalls[f"{t}/stream"] = await strace_counts(
+                    procs[t], lambda t=t: drive(session, url, kw(t), True, args.requests)
+                )
     return {
+        "ttfc_ms": ttfc,
+        "split_us": {
+            f"{t}/{k}": {name: median(v) for name, v in by.items()} for (t, k), by in split.items()
+        },
+        "syscalls_per_request": syscalls,
         "cpu_us": {f"{t}/{k}": v for (t, k), v in cpu.items()},
         "rss_mb": rss,
         "failed": failed,
@@ -210,6 +249,49 @@ def thread_cpu(pid: int) -> dict[str, float]:
             continue
         out[f"{name}:{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return out
+
+
+def thread_times(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds per thread of `pid`: `loop` (the main thread, where mitmproxy's
+    event loop runs), else `name:tid`."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        key = "loop" if task.name == str(pid) else f"{name}:{task.name}"
+        out[key] = (int(fields[11]) / tick, int(fields[12]) / tick)
+    return out
+
+
+async def strace_counts(service: bench.Service, load) -> dict[str, float]:
+    """Syscalls per request of `service`'s process (all threads) while `load()` runs, by name."""
+    assert service.proc is not None
+    out = OUT_DIR / f"{service.name}.strace"
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-q", "-o", str(out), "-p", str(service.proc.pid)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(1.0)  # strace attaches to every thread
+        failed = await load()
+    finally:
+        tracer.send_signal(2)
+        tracer.wait(30)
+    requests = STRACE_REQUESTS[0]
+    counts: dict[str, float] = {"failed": float(failed)}
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            counts[fields[-1]] = int(fields[3]) / requests
+    counts["total"] = sum(v for k, v in counts.items() if k != "failed")
+    return counts
+
+
+STRACE_REQUESTS = [100]
 
 
 def callgrind_zero(service: bench.Service) -> None:
@@ -316,9 +398,21 @@ def main() -> int:
         action="store_true",
         help="count instructions (valgrind) instead of CPU time; one round",
     )
+    p.add_argument(
+        "--stream-gap-ms",
+        type=float,
+        help="the fake's gap between chunks (default 1, as bench.py's stream scenario; 60 with "
+        "--callgrind, so that the chunks still reach the ~50x slower proxy one by one: at 0 "
+        "they coalesce into one read and the per-chunk cost does not show)",
+    )
+    p.add_argument("--split", action="store_true", help="user/system CPU by thread")
+    p.add_argument("--strace", action="store_true", help="syscalls per streamed request")
     p.add_argument("--baseline", type=Path, help="another checkout (e.g. /work/main) to A/B")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "profile-hotpath")
     args = p.parse_args()
+    STRACE_REQUESTS[0] = args.requests
+    if args.stream_gap_ms is None:
+        args.stream_gap_ms = 60.0 if args.callgrind else 1.0
     args.out.mkdir(parents=True, exist_ok=True)
     global OUT_DIR
     OUT_DIR = args.out
@@ -386,10 +480,32 @@ def main() -> int:
                 f"= {median(ratios):.2f}x (+{median(mr) - median(bare):.0f})"
             )
     for t in (t for t in procs if t != "fake"):
+        times = sorted(result["ttfc_ms"][t])
+        print(
+            f"{t:10s} time to first chunk ms: p50 {median(times):.2f}, "
+            f"p90 {times[int(len(times) * 0.9)]:.2f}"
+        )
+    for t in (t for t in procs if t != "fake"):
         print(
             f"{t:10s} RSS MB at start {result['rss_at_start_mb'][t]:.1f}, after warm-up and "
             f"rounds {' '.join(f'{x:.1f}' for x in result['rss_mb'][t])}, "
             f"peak {result['peak_rss_mb'][t]:.1f}"
+        )
+    if args.split:
+        for key, by in result["split_us"].items():
+            busy = sorted(by.items(), key=lambda kv: -kv[1])
+            print(
+                f"{key:18s} µs/request by thread: "
+                + ", ".join(f"{name} {v:.0f}" for name, v in busy if v >= 5)
+            )
+    for key, counts in result.get("syscalls_per_request", {}).items():
+        top = sorted(
+            ((k, v) for k, v in counts.items() if k not in {"failed", "total"}),
+            key=lambda kv: -kv[1],
+        )[:12]
+        print(
+            f"{key:18s} syscalls/request {counts['total']:.1f}: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in top)
         )
     for t, threads in result.get("threads_cpu_s", {}).items():
         busy = sorted(threads.items(), key=lambda kv: -kv[1])[:6]

@@ -41,6 +41,11 @@ class StreamTranslator(ABC):
     An error the backend reports inside the stream is raised as ProxyError.
     """
 
+    last_events: list[bytes] | None = None
+    """The SSE events (`data: ...\n\n`) the chunks of the last `feed` or `finish` came in, one
+    a chunk, when they can go to an OpenAI client as the backend sent them; None when the
+    chunks are translated (they are encoded anew)."""
+
     @abstractmethod
     def feed(self, data: bytes) -> list[dict[str, Any]]: ...
 

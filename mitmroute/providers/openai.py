@@ -25,12 +25,13 @@ from mitmroute.streaming.sse import SSEParser
 class OpenAIStream(StreamTranslator):
     """OpenAI's own SSE chunks pass through as dicts; `[DONE]` ends the stream."""
 
-    __slots__ = ("_done", "_parser", "_provider")
+    __slots__ = ("_done", "_parser", "_provider", "last_events")
 
     def __init__(self, provider: str) -> None:
         self._parser = SSEParser()
         self._done = False
         self._provider = provider
+        self.last_events: list[bytes] | None = None
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         return self._chunks(self._parser.feed(data))
@@ -40,10 +41,16 @@ class OpenAIStream(StreamTranslator):
 
     def _chunks(self, events: list) -> list[dict[str, Any]]:
         out = []
+        raw: list[bytes] | None = []
         for event in events:
             if event.data == "[DONE]":
                 self._done = True
                 continue
+            if raw is not None:
+                if "\n" in event.data:  # a data field of several lines: encoded anew
+                    raw = None
+                else:
+                    raw.append(f"data: {event.data}\n\n".encode())
             try:
                 chunk = json.loads(event.data)
             except ValueError:
@@ -58,6 +65,7 @@ class OpenAIStream(StreamTranslator):
                 code = status if isinstance(status, int) and 400 <= status < 600 else 500
                 raise upstream_error(code, chunk, provider=self._provider)
             out.append(chunk)
+        self.last_events = raw
         return out
 
     @property

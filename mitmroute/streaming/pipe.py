@@ -22,13 +22,24 @@ import aiohttp
 
 from mitmroute.errors import ProxyError
 from mitmroute.exchange import Exchange, Usage
+from mitmroute.providers.base import StreamTranslator
 from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error, encode_native_error
 from mitmroute.upstream import NativeTee, OpenStream
 
 
-def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usage: bool) -> bytes:
+def _render(
+    chunks: list[dict[str, Any]],
+    assembler: ChunkAssembler,
+    include_usage: bool,
+    translator: StreamTranslator,
+) -> bytes:
+    """The client's bytes for `chunks`: each as the backend sent it when the translator kept
+    that (`last_events`) and the chunk goes unchanged, else encoded anew."""
+    events = translator.last_events
+    if events is not None and len(events) != len(chunks):
+        events = None  # not the events of these chunks
     out = []
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         assembler.add(chunk)
         if "usage" in chunk and not include_usage:
             # The proxy asked for usage, the client didn't: take it out without a trace. A
@@ -36,6 +47,9 @@ def _render(chunks: list[dict[str, Any]], assembler: ChunkAssembler, include_usa
             if chunk["usage"] is not None and not any(map(_carries, chunk.get("choices") or ())):
                 continue
             chunk = {k: v for k, v in chunk.items() if k != "usage"}
+        elif events is not None:
+            out.append(events[i])
+            continue
         out.append(encode(chunk))
     return b"".join(out)
 
@@ -63,6 +77,48 @@ def _carries(choice: Any) -> bool:
         or choice.get("logprobs")
         or (isinstance(delta, dict) and any(v not in (None, "", [], {}) for v in delta.values()))
     )
+
+
+class StallWatch:
+    """Fails a read of `content` that has waited `timeout` seconds for data.
+
+    One timer a stream, re-armed only when it fires; a read just notes when it began and
+    ended. (`asyncio.wait_for` around each read costs a timeout context and a timer a chunk.)
+    Time the consumer spends elsewhere (writing to a slow client) is not a stall."""
+
+    __slots__ = ("_content", "_handle", "_loop", "_timeout", "reading_since")
+
+    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._content = content
+        self._timeout = timeout
+        self.reading_since: float | None = None
+        """When the read now waiting began (`loop.time()`), None between reads."""
+        self._handle = self._loop.call_later(timeout, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        since = self.reading_since
+        if since is not None and now - since >= self._timeout:
+            self._content.set_exception(TimeoutError())
+            return
+        due = (since if since is not None else now) + self._timeout
+        self._handle = self._loop.call_at(due, self._check)
+
+    async def read(self) -> bytes:
+        """The next bytes of the stream (b"" at its end); TimeoutError when they stall."""
+        self.reading_since = self._loop.time()
+        try:
+            return await self._content.readany()
+        finally:
+            self.reading_since = None
+
+    def close(self) -> None:
+        self._handle.cancel()
+
+
+async def _read_unwatched(content: aiohttp.StreamReader) -> bytes:
+    return await content.readany()
 
 
 def _tee(chunks: list[dict[str, Any]], assembler: ChunkAssembler, tee: NativeTee) -> bytes:
@@ -103,13 +159,17 @@ async def pipe_stream(
     if isinstance(translator, NativeTee):
         render = functools.partial(_tee, assembler=assembler, tee=translator)
     else:
-        render = functools.partial(_render, assembler=assembler, include_usage=include_usage)
+        render = functools.partial(
+            _render, assembler=assembler, include_usage=include_usage, translator=translator
+        )
+    watch = StallWatch(resp.content, opened.read_timeout) if opened.read_timeout else None
+    read = watch.read if watch is not None else functools.partial(_read_unwatched, resp.content)
     try:
         first = render(opened.first)
         exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
         yield first
         while True:
-            data = await asyncio.wait_for(resp.content.readany(), opened.read_timeout)
+            data = await read()
             if not data:
                 break
             if out := render(translator.feed(data)):
@@ -144,6 +204,8 @@ async def pipe_stream(
         message = f"{label} sent a stream that could not be read: {type(e).__name__}"
         yield _failure(opened, message, 502, "server_error", "bad_upstream_stream")
     finally:
+        if watch is not None:
+            watch.close()
         resp.close()
         complete = exchange.error_type is None and (translator.done or assembler.finished)
         on_end(assembler, complete)

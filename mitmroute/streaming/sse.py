@@ -36,6 +36,9 @@ class SSEParser:
         *blocks, self._buffer = text.split(b"\n\n")
         events = []
         for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:  # the usual: one data line
+                events.append(Event(block[6:].decode("utf-8", "replace")))
+                continue
             event = _parse_block(block.decode("utf-8", "replace"))
             if event is not None:
                 events.append(event)

@@ -65,3 +65,44 @@ async def test_relay_queues_a_burst_of_new_connections_before_its_loop_accepts_t
         for sock in sockets:
             sock.close()
         await relay.close()
+
+
+class _RecordingTransport:
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _RecordingWriter:
+    """A StreamWriter stand-in that keeps each write apart."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.transport = _RecordingTransport()
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    async def drain(self) -> None:
+        return None
+
+
+async def test_relay_answers_an_empty_stream_with_its_head_and_the_last_chunk():
+    relay = StreamRelay()
+
+    async def nothing():
+        return
+        yield b""
+
+    path = relay.register(RelayedStream(200, {}, nothing()))
+    writer = _RecordingWriter()
+    await relay._answer(
+        f"GET {path} HTTP/1.1\r\n\r\n".encode(),
+        asyncio.StreamReader(),
+        writer,  # type: ignore[arg-type]
+    )
+    whole = b"".join(writer.writes)
+    assert whole.startswith(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    assert whole.endswith(b"\r\n\r\n0\r\n\r\n")

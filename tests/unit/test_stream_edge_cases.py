@@ -3,8 +3,11 @@ usage chunk that carries an empty delta."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
+import pytest
 from aiohttp import web
 
 from mitmroute.config import parse_config
@@ -96,3 +99,122 @@ async def test_litellms_usage_chunk_with_an_empty_delta_leaves_no_extra_chunk():
         await runner.cleanup()
     assert len(chunks) == 2  # the text and the finish; the usage chunk is gone whole
     assert all("usage" not in c for c in chunks)
+
+
+def _chunk(delta: dict, finish: str | None = None) -> bytes:
+    body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def stalling_engine(base: str, stream_timeout: float) -> Engine:
+    entry = {"model_name": "m", "litellm_params": {"model": "openai/m", "api_base": base}}
+    config = {"model_list": [entry], "router_settings": {"stream_timeout": stream_timeout}}
+    return Engine(parse_config(config))
+
+
+async def test_a_backend_that_stalls_mid_stream_ends_it_with_a_stalled_error():
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(_chunk({"content": "hi"}))
+        await asyncio.sleep(1.0)
+        return resp
+
+    runner, base = await serve(stalls)
+    engine = stalling_engine(base, 0.2)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        reply = await engine.handle(
+            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        )
+        assert reply.stream is not None and reply.exchange is not None
+        t0 = time.monotonic()
+        raw = b"".join([chunk async for chunk in reply.stream])
+        waited = time.monotonic() - t0
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    events = SSEParser().feed(raw)
+    assert json.loads(events[0].data)["choices"][0]["delta"]["content"] == "hi"
+    assert json.loads(events[-1].data)["error"]["code"] == "upstream_stream_stalled"
+    assert reply.exchange.status_code == 504
+    assert 0.15 < waited < 0.8
+
+
+async def test_a_consumer_slower_than_the_stream_timeout_is_not_a_stall():
+    """The timeout bounds a wait for the backend, not the time the client takes to read."""
+
+    async def prompt(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        for word in ("one", "two", "three"):
+            await resp.write(_chunk({"content": word}))
+            await asyncio.sleep(0.01)
+        await resp.write(_chunk({}, "stop") + b"data: [DONE]\n\n")
+        return resp
+
+    runner, base = await serve(prompt)
+    engine = stalling_engine(base, 0.15)
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        reply = await engine.handle(
+            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        )
+        assert reply.stream is not None
+        raw = b""
+        async for chunk in reply.stream:
+            raw += chunk
+            await asyncio.sleep(0.2)  # longer than the timeout, after each chunk
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    events = SSEParser().feed(raw)
+    assert events[-1].data == "[DONE]"
+    assert b"error" not in raw
+
+
+@pytest.mark.parametrize("api_key", [None, "sk-backend-secret-0123456789"])
+async def test_unchanged_chunks_go_to_an_openai_client_byte_for_byte(api_key):
+    """No re-encoding where the dialect matches: the backend's own bytes (its spacing, its
+    UTF-8), while the usage chunk the client did not ask for is still taken out."""
+    sent = [_chunk({"content": "héllo"}), _chunk({}, "stop")]
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    usage = {**base, "choices": [], "usage": ANSWER["usage"]}
+
+    async def backend(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        body = sent[0].replace(b'"h\\u00e9llo"', '"héllo"'.encode())  # raw UTF-8, as some send
+        sent[0] = body
+        await resp.write(body)
+        await resp.write(sent[1] + b"data: " + json.dumps(usage).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    runner, url = await serve(backend)
+    params = {"model": "openai/m", "api_base": url, "api_key": api_key}  # a key: redacted
+    engine = Engine(parse_config({"model_list": [{"model_name": "m", "litellm_params": params}]}))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        reply = await engine.handle(
+            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
+        )
+        assert reply.stream is not None
+        raw = b"".join([chunk async for chunk in reply.stream])
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    assert raw == sent[0] + sent[1] + b"data: [DONE]\n\n"
+
+
+def test_a_data_field_of_several_lines_is_encoded_anew_as_one_line():
+    from mitmroute.providers.openai import OpenAIStream
+    from mitmroute.streaming.pipe import _render
+    from mitmroute.streaming.sse import ChunkAssembler
+
+    stream = OpenAIStream("openai")
+    chunks = stream.feed(b'data: {"id": "c",\ndata: "choices": []}\n\n')
+    assert stream.last_events is None
+    out = _render(chunks, ChunkAssembler(), False, stream)
+    assert out == b'data: {"id":"c","choices":[]}\n\n'

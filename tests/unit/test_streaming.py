@@ -211,3 +211,13 @@ def test_assembler_time_per_chunk_does_not_grow_with_the_answer():
 
     small = min(per_chunk(1_000) for _ in range(3))
     assert min(per_chunk(40_000) for _ in range(2)) < 3 * small
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b"data: {}", b"data:  two spaces", b"data: ", b"data:{}", b"data: a\ndata: b", b"data: \xff"],
+)
+def test_sse_parser_one_data_line_reads_as_the_general_parser_does(block):
+    from mitmroute.streaming.sse import _parse_block
+
+    assert SSEParser().feed(block + b"\n\n") == [_parse_block(block.decode("utf-8", "replace"))]
