@@ -3,10 +3,10 @@
 A key is shown once, when it is generated (``sk-`` + 32 random url-safe bytes); only its sha256
 hex digest, the *token*, is ever stored. Two stores share one async interface:
 
-* :class:`MemoryKeyStore`: a dict in the proxy, persisted to a DuckDB file beside the spend log
-  (``<spend_db stem>.keys.duckdb``, a separate file so the two never contend for DuckDB's
-  single-writer lock). Every write goes through one writer thread, off the event loop. DuckDB
-  lets one process hold the file: ``scripts/keys.py`` edits it while the proxy is stopped.
+* :class:`MemoryKeyStore`: a dict in the proxy, persisted to a SQLite file beside the spend log
+  (``<spend_db stem>.keys.sqlite``; :class:`KeysDB`). Every write goes through one writer
+  thread, off the event loop. One process holds the file (``flock``): ``scripts/keys.py`` edits
+  it while the proxy is stopped.
 * :class:`RedisKeyStore`: the same keys file as the store of record, with one Redis hash shared
   by every proxy on that Redis in front of it, read on every request (one round trip), so a key
   deleted through any proxy stops working everywhere at once. Redis is a cache of the stores:
@@ -38,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from mitmroute.auth.keys_migrate import BUSY as MOVE_BUSY
 from mitmroute.auth.link import RedisDown, RedisLink
 from mitmroute.config import ConfigError, parse_duration
 from mitmroute.errors import ProxyError
@@ -291,7 +292,7 @@ class KeysDB:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._held = _hold(path)
         try:
-            if not Path(path).stat().st_size and legacy_keys_path(path).exists():
+            if legacy_keys_path(path).exists() and not _has_keys(path):
                 migrate_apart(str(legacy_keys_path(path)), path)
             self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
@@ -355,9 +356,10 @@ class KeysDB:
 
 
 def _hold(path: str) -> IO[bytes]:
-    """Open (or create) the keys file and lock it for this process: a second proxy on the same
-    file would keep keys of its own in memory, so it is refused, as DuckDB's lock did."""
-    held = open(path, "ab")  # noqa: SIM115 - held until close()
+    """Lock the keys file for this process, through `<path>.lock` (closing any descriptor of
+    the database file itself would drop SQLite's own locks): a second proxy on the same file
+    would keep keys of its own in memory, so it is refused, as DuckDB's lock did."""
+    held = open(f"{path}.lock", "ab")  # noqa: SIM115 - held until close()
     try:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -367,19 +369,36 @@ def _hold(path: str) -> IO[bytes]:
     return held
 
 
+def _has_keys(path: str) -> bool:
+    """The SQLite keys file at `path` holds a key (False for a new, empty file, or one whose
+    move from the DuckDB file was cut short: that one is moved again, in one transaction)."""
+    if not Path(path).exists() or not Path(path).stat().st_size:
+        return False
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:  # no keys table yet
+        return False
+    finally:
+        con.close()
+
+
 def migrate_apart(legacy: str, path: str) -> None:
-    """Copy a DuckDB keys file into the (empty) SQLite one at `path`, in a child process: the
-    proxy never loads DuckDB. Raises KeysFileBusy with the child's message."""
+    """Copy a DuckDB keys file into the SQLite one at `path`, in a child process: the proxy
+    never loads DuckDB. Raises KeysFileBusy if another process holds the old file, else
+    RuntimeError with the child's message."""
     out = subprocess.run(
         [sys.executable, "-m", "mitmroute.auth.keys_migrate", legacy, path],
         capture_output=True,
         text=True,
         env=child_env(),
     )
-    if out.returncode != 0:
-        detail = (out.stderr.strip().splitlines() or ["?"])[-1]
+    detail = (out.stderr.strip().splitlines() or ["?"])[-1]
+    if out.returncode == MOVE_BUSY:
         raise KeysFileBusy(f"{legacy}: cannot open the keys file (is another mitmroute "
                            f"process using it?): {detail}")  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{legacy}: cannot move the keys to {path}: {detail}")
     log.info("auth: keys moved from %s to %s (%s)", legacy, path, out.stdout.strip())
 
 

@@ -4,9 +4,10 @@ that the proxy never loads DuckDB:
 
     python -m mitmroute.auth.keys_migrate OLD.keys.duckdb NEW.keys.sqlite
 
-NEW must be empty (the caller holds its lock). Every row goes in one transaction; then OLD is
-renamed `OLD.migrated` (kept, not deleted: a downgrade can rename it back). Prints what it
-copied; exits 1 with the reason on stderr.
+NEW holds no key yet (the caller holds its lock; a move cut short is simply done again). The
+schema and every row go in one transaction; then OLD is renamed `OLD.migrated` (kept, not
+deleted: a downgrade can rename it back). Prints what it copied; exits with the reason on
+stderr, status 3 (BUSY) when another process holds OLD, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import sys
+
+BUSY = 3
+"""Exit status when another process holds OLD (DuckDB's lock)."""
 
 TABLES = {
     "keys": "token, key_alias, team_id, record",
@@ -40,9 +44,8 @@ def migrate(legacy: str, path: str) -> dict[str, int]:
     finally:
         source.close()
     target = sqlite3.connect(path, isolation_level=None)
-    try:
-        target.executescript(SCHEMA)
-        target.execute("BEGIN")
+    try:  # the schema and every row in one transaction: a move cut short leaves no half file
+        target.executescript("BEGIN;" + SCHEMA)
         for table, found in rows.items():
             marks = ", ".join("?" * len(TABLES[table].split(",")))
             target.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", found)
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
         copied = migrate(*argv)
     except Exception as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return BUSY if "lock" in str(e).lower() else 1
     print(", ".join(f"{n} {table}" for table, n in copied.items()))
     return 0
 

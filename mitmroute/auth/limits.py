@@ -492,7 +492,9 @@ class RedisLimiter:
         self._others: dict[str, tuple[int, int]] = {}
         """token -> (window, nano-dollars): the other shares, as last seen in Redis."""
         self._policies: dict[str, Policy] = {}
-        self._loading: dict[tuple[str, int], asyncio.Task[dict[str, int]]] = {}
+        self._loading: dict[tuple[str, int], asyncio.Task[dict[str, int] | None]] = {}
+        self._unread: set[tuple[str, int]] = set()
+        """(token, window) whose ledger read failed: read again at the key's next request."""
         self._local = MemoryLimiter(reservation_ttl=reservation_ttl, clock=clock)
         self._queue: deque[_Queued] = deque()
         self.queue_limit = queue_limit
@@ -525,9 +527,9 @@ class RedisLimiter:
         window = policy.window(now)
         self._policies[policy.token] = policy
         held = self._held(policy.token, window)
-        if held is not None:
-            return held
         key = (policy.token, window)
+        if held is not None and key not in self._unread:
+            return held
         task = self._loading.get(key)
         if task is None:
             since = {policy.token: _window_start(policy, window)}
@@ -535,18 +537,23 @@ class RedisLimiter:
             self._loading[key] = task
             task.add_done_callback(lambda _: self._loading.pop(key, None))
         found = await asyncio.shield(task)
+        if found is None:  # not read: what is held for now, and read again next time
+            self._unread.add(key)
+            return held or 0
+        self._unread.discard(key)
         self._raise(policy.token, window, found.get(policy.token, 0))
         held = self._held(policy.token, window)
         return held if held is not None else 0
 
-    async def _read_ledger(self, since: dict[str, float]) -> dict[str, int]:
+    async def _read_ledger(self, since: dict[str, float]) -> dict[str, int] | None:
+        """Spend per token from the ledger; None when it could not be read."""
         if self.ledger is None:
             return {}
         try:
             return await self.ledger.spend_since(since)
         except Exception as e:
             log.warning("auth: cannot read key spend from the spend log: %s", e)
-            return {}
+            return None
 
     def _others_of(self, token: str, window: int) -> int:
         held = self._others.get(token)
@@ -709,7 +716,11 @@ class RedisLimiter:
                 since[policy.token] = _window_start(policy, policy.window(now))
         found = await self._read_ledger(since) if since else {}
         for token in since:
-            self._raise(token, self._policies[token].window(now), found.get(token, 0))
+            window = self._policies[token].window(now)
+            if found is None:  # read at the key's next request
+                self._unread.add((token, window))
+            else:
+                self._raise(token, window, found.get(token, 0))
         self._unpushed.update(self._mine)
         await self.drain()
 

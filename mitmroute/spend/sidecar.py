@@ -231,23 +231,30 @@ class SpendSidecar(Troubles):
             time.sleep(0.02)
 
     def query(self, sql: str, params: Any = None, timeout: float = 10.0) -> list[tuple[Any, ...]]:
-        """Run a read query in the child's writer, after every row the child has received is
-        written: how the proxy reads the spend log without loading DuckDB itself. Values come
-        back as JSON gives them (DECIMAL and TIMESTAMP as text). Blocking: not for the loop.
-        Raises :class:`SpendQueryError`."""
+        """Run a read query in the child's writer, after the rows the child has received by
+        then are written (rows sent again to a child just restarted may still be on their way):
+        how the proxy reads the spend log without loading DuckDB itself. Values come back as
+        JSON gives them (DECIMAL and TIMESTAMP as text). Blocking, within `timeout` in all: not
+        for the loop. Raises :class:`SpendQueryError`."""
         self.start()
+        deadline = time.monotonic() + timeout
         if not self.ready.wait(timeout):
             raise SpendQueryError(f"the spend sidecar for {self.path} did not start")
+        while self.child is None and not self._closed:  # a restart under way: wait for it
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
         future: Future[list[tuple[Any, ...]]] = Future()
         with self._lock:
             self._query_ids += 1
             query_id = self._query_ids
             self._queries[query_id] = future
         try:
-            if not self._write(("query", (query_id, sql, params, timeout))):
+            frame = _frame(("query", (query_id, sql, params, timeout)))
+            if not self._write_bytes(frame, max(0.0, deadline - time.monotonic())):
                 raise SpendQueryError(f"the spend sidecar for {self.path} is not running")
             try:
-                return future.result(timeout)
+                return future.result(max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 raise SpendQueryError(f"no answer from the spend sidecar in {timeout:g}s") from None
         finally:
@@ -465,16 +472,21 @@ class SpendSidecar(Troubles):
     def _write(self, message: Any) -> bool:
         return self._write_bytes(_frame(message))
 
-    def _write_bytes(self, data: bytes) -> bool:
+    def _write_bytes(self, data: bytes, timeout: float | None = None) -> bool:
+        """Write one frame whole; False if the child is gone (or, with `timeout`, if another
+        writer held the pipe that long: a child that stopped reading)."""
         child = self.child
         if child is None or child.stdin is None:
             return False
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
         try:
-            with self._write_lock:
-                child.stdin.write(data)
-                child.stdin.flush()
+            child.stdin.write(data)
+            child.stdin.flush()
         except (OSError, ValueError):  # the child died: the reader sees it, rows are re-sent
             return False
+        finally:
+            self._write_lock.release()
         return True
 
     # -- the reader thread (one per child) ----------------------------------------------------

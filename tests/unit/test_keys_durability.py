@@ -285,6 +285,33 @@ async def test_spend_comes_back_from_the_ledger_after_redis_and_the_proxy_restar
         ledger.close()
 
 
+async def test_a_ledger_that_cannot_be_read_is_read_again_not_taken_as_zero(
+    link, own_redis, tmp_path
+):
+    """The spend writer restarting, say: the key's spend counts as 0 for that request only."""
+    path = str(tmp_path / "spend.duckdb")
+    made = record(max_budget=0.5)
+    write_ledger(path, [exchange(made.token, "0.75", NOW)])
+    own_redis.restart_empty()
+    ledger = Ledger(path)
+    reads = [RuntimeError("the spend sidecar exited")]  # the first read fails, then the file
+
+    def read(since):
+        if reads:
+            raise reads.pop()
+        return Ledger.read(ledger, since)
+
+    ledger.read = read
+    try:
+        limiter = RedisLimiter(link.client, "t", link=link, ledger=ledger, ledger_id="me")
+        policy = Policy.of(made)
+        assert (await limiter.admit(policy, 0)).reason is None  # not read: let through once
+        verdict = await limiter.admit(policy, 0)
+        assert verdict.reason == "budget" and verdict.spent == usd_to_nanos(0.75)
+    finally:
+        ledger.close()
+
+
 async def test_each_ledgers_share_is_counted_once(link):
     """Two proxies (two spend logs) share a key: spend is the sum of their shares, and a
     restarted proxy replaces its share rather than adding it again."""

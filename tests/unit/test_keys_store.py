@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -14,6 +15,7 @@ import redis.asyncio as aioredis
 from mitmroute.auth.keys import (
     SCHEMA,
     KeysDB,
+    KeysFileBusy,
     MemoryKeyStore,
     RedisKeyStore,
     make_record,
@@ -103,9 +105,12 @@ async def test_a_duckdb_keys_file_of_an_earlier_version_is_moved_once(tmp_path):
     con.execute("INSERT INTO meta VALUES ('ledger_id', 'ledger-of-old')")
     held = con  # an old proxy still running on it: the move waits for it, nothing is lost
     path = str(tmp_path / "spend.keys.sqlite")
-    with pytest.raises(RuntimeError, match="cannot open the keys file"):
+    with pytest.raises(KeysFileBusy, match="cannot open the keys file"):
         KeysDB(path)
     held.close()
+    cut_short = sqlite3.connect(path)  # a move cut short by an older build: schema, no rows
+    cut_short.executescript(SCHEMA)
+    cut_short.close()
 
     probe = (
         "import sys; from mitmroute.auth.keys import KeysDB; db = KeysDB(sys.argv[1]); "

@@ -145,6 +145,17 @@ def test_a_query_whose_child_dies_fails_and_the_next_child_answers(tmp_path, sid
         s.query("SELECT 1", timeout=0.3)
 
 
+def test_a_query_gives_up_within_its_timeout_when_the_pipe_is_held(tmp_path, sidecars):
+    s = sidecars(tmp_path / "spend.duckdb")
+    assert s.query("SELECT 1") == [(1,)]
+    with s._write_lock:  # the sender blocked on a child that stopped reading
+        started = time.monotonic()
+        with pytest.raises(SpendQueryError, match="not running"):
+            s.query("SELECT 1", timeout=0.3)
+        assert time.monotonic() - started < 2
+    assert s.query("SELECT 1") == [(1,)]
+
+
 def test_a_killed_child_is_replaced_and_nothing_is_lost_or_doubled(tmp_path, sidecars):
     db = tmp_path / "spend.duckdb"
     s = sidecars(db, restart_delay=0.1)
