@@ -238,23 +238,9 @@ async def load(procs: dict[str, bench.Service], bundle: Path, args: argparse.Nam
     }
 
 
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread of `pid`, by `name:tid` (the event loop is the process's own tid)."""
-    out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[f"{name}:{task.name}"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return out
-
-
-def thread_times(pid: int) -> dict[str, tuple[float, float]]:
-    """(user, system) CPU seconds per thread of `pid`: `loop` (the main thread, where mitmproxy's
-    event loop runs), else `name:tid`."""
-    out = {}
+def _threads(pid: int) -> list[tuple[str, str, float, float]]:
+    """(name, tid, user s, system s) of each thread of `pid` (threads gone meanwhile skipped)."""
+    out = []
     tick = os.sysconf("SC_CLK_TCK")
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
@@ -262,9 +248,22 @@ def thread_times(pid: int) -> dict[str, tuple[float, float]]:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        key = "loop" if task.name == str(pid) else f"{name}:{task.name}"
-        out[key] = (int(fields[11]) / tick, int(fields[12]) / tick)
+        out.append((name, task.name, int(fields[11]) / tick, int(fields[12]) / tick))
     return out
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread of `pid`, by `name:tid` (the event loop is the process's own tid)."""
+    return {f"{name}:{tid}": user + system for name, tid, user, system in _threads(pid)}
+
+
+def thread_times(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds per thread of `pid`: `loop` (the main thread, where mitmproxy's
+    event loop runs), else `name:tid`."""
+    return {
+        "loop" if tid == str(pid) else f"{name}:{tid}": (user, system)
+        for name, tid, user, system in _threads(pid)
+    }
 
 
 async def strace_counts(service: bench.Service, load) -> dict[str, float]:

@@ -278,6 +278,11 @@ class KeysFileBusy(RuntimeError):
     """Another process holds the keys file (a running proxy, or an older version's on the DuckDB
     keys file that is to be moved)."""
 
+    @classmethod
+    def of(cls, path: str, detail: object) -> KeysFileBusy:
+        return cls(f"{path}: cannot open the keys file (is another mitmroute process using it?): "
+                   f"{detail}")  # fmt: skip
+
 
 class KeysDB:
     """The keys file: SQLite (a few rows written now and then: an OLTP job, and the proxy
@@ -364,8 +369,7 @@ def _hold(path: str) -> IO[bytes]:
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         held.close()
-        raise KeysFileBusy(f"{path}: cannot open the keys file (is another mitmroute "
-                           f"process using it?): {e}") from None  # fmt: skip
+        raise KeysFileBusy.of(path, e) from None
     return held
 
 
@@ -395,8 +399,7 @@ def migrate_apart(legacy: str, path: str) -> None:
     )
     detail = (out.stderr.strip().splitlines() or ["?"])[-1]
     if out.returncode == MOVE_BUSY:
-        raise KeysFileBusy(f"{legacy}: cannot open the keys file (is another mitmroute "
-                           f"process using it?): {detail}")  # fmt: skip
+        raise KeysFileBusy.of(legacy, detail)
     if out.returncode != 0:
         raise RuntimeError(f"{legacy}: cannot move the keys to {path}: {detail}")
     log.info("auth: keys moved from %s to %s (%s)", legacy, path, out.stdout.strip())

@@ -40,7 +40,8 @@ class LedgerBusy(RuntimeError):
 
 
 class Ledger:
-    """Read-only access to the spend log file at `path`."""
+    """Reads of what keys spent in the spend log at `path`: through its running writer when
+    there is one, else from the file itself (read-only)."""
 
     def __init__(
         self,

@@ -117,10 +117,6 @@ class StallWatch:
         self._handle.cancel()
 
 
-async def _read_unwatched(content: aiohttp.StreamReader) -> bytes:
-    return await content.readany()
-
-
 def _tee(chunks: list[dict[str, Any]], assembler: ChunkAssembler, tee: NativeTee) -> bytes:
     for chunk in chunks:
         assembler.add(chunk)
@@ -163,7 +159,7 @@ async def pipe_stream(
             _render, assembler=assembler, include_usage=include_usage, translator=translator
         )
     watch = StallWatch(resp.content, opened.read_timeout) if opened.read_timeout else None
-    read = watch.read if watch is not None else functools.partial(_read_unwatched, resp.content)
+    read = watch.read if watch is not None else resp.content.readany
     try:
         first = render(opened.first)
         exchange.ttft_ms = (time.perf_counter() - exchange.clock_start) * 1000
