@@ -299,11 +299,16 @@ def redis_namespace():
     client.close()
 
 
+def on_redis(cfg: dict, namespace: str) -> None:
+    """Keys, limits and the cache shared through Redis (db 12), under `namespace`."""
+    cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
+                                                "namespace": namespace}}  # fmt: skip
+
+
 def test_two_proxies_on_one_redis_enforce_one_limit(redis_namespace, start_proxy, backend):
     # redis_namespace first: it is cleaned after the proxies stop (they write to it until then)
     cfg = config(backend.url)
-    cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
-                                                "namespace": redis_namespace}}  # fmt: skip
+    on_redis(cfg, redis_namespace)
     other = json.loads(json.dumps(cfg))  # before `a` names its spend_db: one per proxy
     a, b = start_proxy(cfg), start_proxy(other)
     avoid_minute_edge()
@@ -367,8 +372,7 @@ def test_budget_spent_before_a_restart_and_a_redis_loss_is_read_back_from_the_sp
     """Redis holds the live counters; after it lost them and the proxy restarted, what the key
     spent comes back from the spend log, read through the spend writer's child process."""
     cfg = config(backend.url, spend_db=str(tmp_path / "spend.duckdb"))
-    cfg["litellm_settings"] = {"cache_params": {"type": "redis", "url": REDIS_URL,
-                                                "namespace": redis_namespace}}  # fmt: skip
+    on_redis(cfg, redis_namespace)
     first = start_proxy(cfg)
     key = generate(first, max_budget=HELLO_COST * 1.5)
     with first.client(api_key=key) as client:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 from aiohttp import web
 
 from mitmroute.config import parse_config
 from mitmroute.engine import Engine
-from mitmroute.request import ClientRequest
+from mitmroute.request import ClientRequest, Reply
 from mitmroute.streaming.sse import SSEParser
 
 ANSWER = {
@@ -46,13 +47,18 @@ def engine_for(base: str) -> Engine:
     return Engine(parse_config({"model_list": [entry]}))
 
 
-async def stream(engine: Engine, include_usage: bool) -> list[dict]:
+async def open_stream(engine: Engine, **fields: Any) -> Reply:
+    """The engine's reply to a streamed chat request for model `m` (with `fields` added)."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-    if include_usage:
-        body["stream_options"] = {"include_usage": True}
-    reply = await engine.handle(
+    body.update(fields)
+    return await engine.handle(
         ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
     )
+
+
+async def stream(engine: Engine, include_usage: bool) -> list[dict]:
+    fields = {"stream_options": {"include_usage": True}} if include_usage else {}
+    reply = await open_stream(engine, **fields)
     assert reply.status == 200 and reply.stream is not None, reply.body
     raw = b"".join([chunk async for chunk in reply.stream])
     events = SSEParser().feed(raw)
@@ -124,10 +130,7 @@ async def test_a_backend_that_stalls_mid_stream_ends_it_with_a_stalled_error():
     runner, base = await serve(stalls)
     engine = stalling_engine(base, 0.2)
     try:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        reply = await engine.handle(
-            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
-        )
+        reply = await open_stream(engine)
         assert reply.stream is not None and reply.exchange is not None
         t0 = time.monotonic()
         raw = b"".join([chunk async for chunk in reply.stream])
@@ -157,10 +160,7 @@ async def test_a_consumer_slower_than_the_stream_timeout_is_not_a_stall():
     runner, base = await serve(prompt)
     engine = stalling_engine(base, 0.15)
     try:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        reply = await engine.handle(
-            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
-        )
+        reply = await open_stream(engine)
         assert reply.stream is not None
         raw = b""
         async for chunk in reply.stream:
@@ -196,10 +196,7 @@ async def test_unchanged_chunks_go_to_an_openai_client_byte_for_byte(api_key):
     params = {"model": "openai/m", "api_base": url, "api_key": api_key}  # a key: redacted
     engine = Engine(parse_config({"model_list": [{"model_name": "m", "litellm_params": params}]}))
     try:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
-        reply = await engine.handle(
-            ClientRequest("POST", "/v1/chat/completions", {}, json.dumps(body).encode())
-        )
+        reply = await open_stream(engine)
         assert reply.stream is not None
         raw = b"".join([chunk async for chunk in reply.stream])
     finally:
