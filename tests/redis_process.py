@@ -75,7 +75,11 @@ class RedisProcess:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(self.address)
         listener.listen(0)
-        filler = socket.create_connection(self.address)
+        # Non-blocking: if a client's reconnect took the one slot first, this SYN is the one
+        # left hanging, and a blocking connect here would hang the test with it.
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(self.address)
         self._hole = [listener, filler]
 
     def stop(self) -> None:
