@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from mitmroute.auth.keys_migrate import BUSY as MOVE_BUSY
 from mitmroute.auth.link import RedisDown, RedisLink
@@ -295,7 +295,7 @@ class KeysDB:
     def __init__(self, path: str) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._held = _hold(path)
+        self._held = _Hold(path)
         try:
             if legacy_keys_path(path).exists() and not _has_keys(path):
                 migrate_apart(str(legacy_keys_path(path)), path)
@@ -360,17 +360,42 @@ class KeysDB:
             self._held.close()
 
 
-def _hold(path: str) -> IO[bytes]:
-    """Lock the keys file for this process, through `<path>.lock` (closing any descriptor of
-    the database file itself would drop SQLite's own locks): a second proxy on the same file
-    would keep keys of its own in memory, so it is refused, as DuckDB's lock did."""
-    held = open(f"{path}.lock", "ab")  # noqa: SIM115 - held until close()
-    try:
-        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        held.close()
-        raise KeysFileBusy.of(path, e) from None
-    return held
+class _Hold:
+    """This process's lock on a keys file, through `<path>.lock` (closing any descriptor of
+    the database file itself would drop SQLite's own locks). Exclusive between processes: a
+    second proxy on the same file would keep keys of its own in memory, so it is refused, as
+    DuckDB's lock did. Shared within one: a reload that drops the master key and one that
+    restores it may open the file again before the old backend has closed it."""
+
+    _held: ClassVar[dict[str, list[Any]]] = {}
+    """Held lock files by real path: [the open file, how many KeysDB hold it]."""
+    _guard = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.key = str(Path(f"{path}.lock").resolve())
+        with self._guard:
+            entry = self._held.get(self.key)
+            if entry is None:
+                held = open(self.key, "ab")  # noqa: SIM115 - held until the last close()
+                try:
+                    fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    held.close()
+                    raise KeysFileBusy.of(path, e) from None
+                entry = self._held[self.key] = [held, 0]
+            entry[1] += 1
+        self._open = True
+
+    def close(self) -> None:
+        with self._guard:
+            if not self._open:
+                return
+            self._open = False
+            entry = self._held[self.key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._held[self.key]
+                entry[0].close()
 
 
 def _has_keys(path: str) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -177,3 +179,35 @@ async def test_auth_overhead_per_request():
     assert all(f.response is None for f in flows)
     print(f"\nauth overhead: {per_request * 1e6:.1f} us per request (in-process)")
     assert per_request < 0.001
+
+
+async def test_a_master_key_dropped_and_restored_before_the_old_store_closed_keeps_the_keys(
+    tmp_path,
+):
+    """The old backend closes in a task of its own: the restored one opens the keys file while
+    the old one still holds it (one process: shared, not "busy")."""
+    shared = Shared()
+    auth = KeyAuth(shared)
+
+    def publish(master: str | None) -> None:
+        general = {"spend_db": str(tmp_path / "spend.duckdb")}
+        shared.publish_config(parse_config({
+            "model_list": [{"model_name": "gpt-4o", "litellm_params": {
+                "model": "openai/gpt-4o", "api_base": "http://b/v1", "api_key": "k"}}],
+            "general_settings": general | ({"master_key": master} if master else {})}))  # fmt: skip
+
+    publish(MASTER)
+    key = await make_key(auth, key_alias="app")
+    publish(None)
+    publish(MASTER)  # before the loop has run the old backend's close
+    flow = make_flow(key)
+    await auth.request(flow)
+    assert flow.response is None, flow.response.text
+    assert flow.metadata[IDENTITY_KEY]["key_alias"] == "app"
+    await auth.done()
+    await asyncio.sleep(0.05)  # the old backend's close task
+    # every holder closed: another process may take the file now
+    probe = "import sys; from mitmroute.auth.keys import KeysDB; KeysDB(sys.argv[1]).close()"
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "spend.duckdb.keys.sqlite")],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
