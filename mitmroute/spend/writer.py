@@ -51,7 +51,8 @@ What a crash can lose
     (Of the process the writer runs in. The proxy runs it in a child process of its own,
     mitmroute.spend.sidecar: a SIGKILLed proxy closes the child's pipe, and the child writes
     every row it got before it exits; what is lost then is what the proxy had not handed over,
-    the rows of the last ~50 ms.)
+    the rows of the last ~50 ms. Both killed at once lose no more: the child journals what it
+    receives before holding it, mitmroute.spend.journal.)
     ``record()`` only appends to an in-memory queue; the thread writes it out within
     ``flush_interval`` (+ the flush itself, + ``retry_delay`` when the file is busy). SIGINT and
     SIGTERM go through the addon's ``done`` hook, which calls ``close()``: nothing is lost,

@@ -257,6 +257,55 @@ def test_a_sigkilled_proxy_leaves_the_child_to_write_everything(tmp_path):
     assert stored(db) == (250, 250)
 
 
+def test_a_container_killed_whole_loses_nothing_the_child_had_received(tmp_path, sidecars):
+    """Proxy and child SIGKILLed at once, between the child's flushes: the rows the child had
+    received are in its journal, and the next child replays them into the db, once each."""
+    db = tmp_path / "spend.duckdb"
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from mitmroute.spend.sidecar import SpendSidecar
+        from tests.unit.test_spend_writer import make
+        s = SpendSidecar({str(db)!r}).start()
+        s.ready.wait(30)
+        for i in range(100):
+            s.record(make(i))
+        while s.summary()["db"] < 100:  # a first flush: its segment is deleted one later
+            time.sleep(0.01)
+        for i in range(100, 350):
+            s.record(make(i))
+        while s._queue:
+            time.sleep(0.01)
+        time.sleep(0.2)  # read from the pipe by the child, far from its next flush
+        print(s.child.pid, flush=True)
+        time.sleep(60)
+        """
+    )
+    proxy = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    try:
+        child = int(proxy.stdout.readline())
+        os.kill(child, signal.SIGKILL)
+        proxy.kill()
+        proxy.wait(10)
+        assert wait_gone([child], 30) == []
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.wait(5)
+        proxy.stdout.close()
+    assert stored(db)[0] < 350  # the kill came before the flush of the last rows
+    assert list(tmp_path.glob("spend.duckdb.journal.*"))
+    s = sidecars(db)
+    s.record(make(349))  # sent again by nobody, recorded again by a retry: stored once
+    assert s.close(10) is True
+    assert stored(db) == (350, 350)
+    assert not list(tmp_path.glob("spend.duckdb.journal.*"))
+    assert not list(tmp_path.glob("spend.duckdb.spill*"))
+
+
 def test_close_after_close_goes_to_the_spill_file(tmp_path, sidecars):
     db = tmp_path / "spend.duckdb"
     s = sidecars(db)
