@@ -339,6 +339,9 @@ def make_app(state: Behaviour) -> web.Application:
                 await asyncio.sleep(delay)
             await send([piece(word if i == 0 else " " + word)])
             if model == "break" and i == 1:
+                # the chunks so far reach the proxy first: aiohttp's reader raises a reset it
+                # sees before the proxy has read the data that came ahead of it
+                await asyncio.sleep(0.2)
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
