@@ -28,7 +28,6 @@ import logging
 import secrets
 import sqlite3
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable
@@ -40,10 +39,10 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from mitmroute.auth.keys_migrate import BUSY as MOVE_BUSY
 from mitmroute.auth.link import RedisDown, RedisLink
+from mitmroute.children import child_argv, child_env
 from mitmroute.config import ConfigError, parse_duration
 from mitmroute.errors import ProxyError
 from mitmroute.request import hash_key
-from mitmroute.spend.sidecar import child_env
 
 log = logging.getLogger("mitmroute.auth")
 T = TypeVar("T")
@@ -417,7 +416,7 @@ def migrate_apart(legacy: str, path: str) -> None:
     never loads DuckDB. Raises KeysFileBusy if another process holds the old file, else
     RuntimeError with the child's message."""
     out = subprocess.run(
-        [sys.executable, "-m", "mitmroute.auth.keys_migrate", legacy, path],
+        child_argv("mitmroute.auth.keys_migrate", legacy, path),
         capture_output=True,
         text=True,
         env=child_env(),

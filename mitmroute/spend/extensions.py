@@ -128,11 +128,11 @@ def connect(threads: int = 1, directory: Path | None = None) -> Any:
 def install_apart(timeout: float = 120.0) -> None:
     """:func:`install` in a short-lived process of its own, so the calling process (the proxy)
     never loads DuckDB (~50 MB). Raises ExtensionError with that process's error."""
-    from mitmroute.spend.sidecar import child_env
+    from mitmroute.children import child_argv, child_env
 
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "mitmroute.spend.extensions"],
+            child_argv("mitmroute.spend.extensions"),
             capture_output=True,
             text=True,
             timeout=timeout,

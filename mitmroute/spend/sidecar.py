@@ -49,6 +49,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from mitmroute.children import child_argv, child_env
 from mitmroute.spend.journal import FRAME, Journal, recover
 from mitmroute.spend.rows import ON_FULL, Line, RowBuilder, SpillFiles, Troubles
 
@@ -360,7 +361,7 @@ class SpendSidecar(Troubles):
             target["data_path"] = self.ledger.data_path
         try:
             child = subprocess.Popen(
-                [sys.executable, "-m", "mitmroute.spend.sidecar"],
+                child_argv("mitmroute.spend.sidecar"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=None,
@@ -583,15 +584,6 @@ class SpendSidecar(Troubles):
             self._lost(1)
             return
         self._keep([line])
-
-
-def child_env() -> dict[str, str]:
-    """The proxy's environment, with this mitmroute first on the path: the child runs the same
-    code as the proxy, however the proxy found it."""
-    root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
 
 
 # --- the child ----------------------------------------------------------------------------------

@@ -82,6 +82,23 @@ def test_rows_arrive_once_and_the_summary_adds_up(tmp_path, sidecars):
     assert s.describe() == (f"450 rows this run: 450 in {db}, 0 in spill files, 0 rejected, 0 lost")
 
 
+def test_the_child_runs_this_mitmroute_whatever_the_working_directory_holds(
+    tmp_path, sidecars, monkeypatch
+):
+    """A proxy started in a checkout of another version: `python -m` would put that directory
+    first on the child's path (and run its writer); `-P` keeps it off."""
+    other = tmp_path / "other-checkout" / "mitmroute"
+    (other / "spend").mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the other checkout was imported')\n")
+    (other / "spend" / "__init__.py").write_text("")
+    monkeypatch.chdir(other.parent)
+    db = tmp_path / "spend.duckdb"
+    s = sidecars(db)
+    s.record(make(1))
+    assert s.close(10) is True
+    assert stored(db) == (1, 1) and s.restarts == 0
+
+
 def test_the_proxy_side_never_imports_duckdb():
     code = "import sys, mitmroute.spend.sidecar, mitmroute.spend; print('duckdb' in sys.modules)"
     out = subprocess.run(
