@@ -7,7 +7,7 @@ import select
 import socket
 import time
 
-from mitmroute.streaming.relay import RelayedStream, StreamRelay
+from mitmroute.streaming.relay import RelayedAnswer, StreamRelay
 
 
 async def test_relay_streams_chunks_and_abandon_runs_cleanup():
@@ -23,7 +23,7 @@ async def test_relay_streams_chunks_and_abandon_runs_cleanup():
         finally:
             cleaned.append(name)
 
-    path = relay.register(RelayedStream(200, {"content-type": "text/event-stream"},
+    path = relay.register(RelayedAnswer(200, {"content-type": "text/event-stream"},
                                         chunks("fetched")))  # fmt: skip
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
     writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
@@ -35,7 +35,7 @@ async def test_relay_streams_chunks_and_abandon_runs_cleanup():
     assert b"transfer-encoding: chunked" in received
     assert b"data: one" in received and b"data: two" in received
 
-    never = relay.register(RelayedStream(200, {}, chunks("abandoned")))
+    never = relay.register(RelayedAnswer(200, {}, chunks("abandoned")))
     await relay.abandon(never)
     await relay.close()
     assert cleaned == ["fetched", "abandoned"]
@@ -96,7 +96,7 @@ async def test_relay_answers_an_empty_stream_with_its_head_and_the_last_chunk():
         return
         yield b""
 
-    path = relay.register(RelayedStream(200, {}, nothing()))
+    path = relay.register(RelayedAnswer(200, {}, nothing()))
     writer = _RecordingWriter()
     await relay._answer(
         f"GET {path} HTTP/1.1\r\n\r\n".encode(),
