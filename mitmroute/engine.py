@@ -99,7 +99,8 @@ class Engine:
 
     async def handle(self, request: ClientRequest) -> Reply:
         """Answer one intercepted request (never raises). Whatever it becomes, routed,
-        answered, refused or passed through, the Reply carries its spend-log Exchange."""
+        answered, refused or passed through, the Reply carries its spend-log Exchange.
+        Cancelled (its client went away), it logs the Exchange as `client_disconnected`."""
         endpoint = endpoint_of(request.path)
         if endpoint == "models" and request.method == "GET":
             return self._models(new_exchange(request, endpoint))
@@ -108,10 +109,10 @@ class Engine:
                 passthrough=True, exchange=new_exchange(request, endpoint_name(request.path))
             )
         exchange = new_exchange(request, request.ledger_endpoint or endpoint)
-        if not self._started:
-            await self.start()
         ticket: CacheTicket | None = None
         try:
+            if not self._started:
+                await self.start()
             body = self._parse_body(request.body, endpoint)
             exchange.requested_model = body["model"]
             exchange.user = body.get("user") if isinstance(body.get("user"), str) else None
@@ -147,6 +148,13 @@ class Engine:
             return self._error_reply(
                 errors.internal_error(f"mitmroute internal error: {e}"), exchange, ticket
             )
+        except asyncio.CancelledError:  # the client went away: the call stops, one row says so
+            if ticket is not None:
+                ticket.release()
+            gone = errors.client_disconnected()
+            exchange.status_code, exchange.error_type = gone.status, gone.code
+            self.finish(exchange)
+            raise
 
     def group_of(self, model: str) -> str | None:
         """The model group a requested model names (aliases resolved; a complexity router's

@@ -65,6 +65,17 @@ def internal_error(message: str) -> ProxyError:
     return ProxyError(500, message, "server_error", code="internal_error")
 
 
+def client_disconnected() -> ProxyError:
+    """The record of a request whose client went away before any answer (never sent: there is
+    nobody to send it to). 499 is nginx's "client closed request"."""
+    return ProxyError(
+        499,
+        "The client went away before it was answered.",
+        "client_error",
+        code="client_disconnected",
+    )
+
+
 def upstream_unreachable(message: str) -> ProxyError:
     return ProxyError(
         502, message, "server_error", code="upstream_unreachable", retryable=True, kind="connect"

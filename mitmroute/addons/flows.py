@@ -77,13 +77,25 @@ def dialect(flow: http.HTTPFlow) -> str:
 
 def refuse(flow: http.HTTPFlow, error: ProxyError, shared: Shared | None) -> None:
     """Answer the flow with `error` in its client's API shape, and log it as a spend row."""
+    headers = record_refusal(flow, error, shared)
+    flow.response = http.Response.make(error.status, errors.render(error, dialect(flow)), headers)
+
+
+def record_refusal(
+    flow: http.HTTPFlow,
+    error: ProxyError,
+    shared: Shared | None,
+    request: ClientRequest | None = None,
+) -> dict[str, str]:
+    """Log `error` as the flow's spend row unless it has one; the headers of its answer.
+    `request`: the engine's view of the flow when the flow itself was since rewritten."""
     headers = {**JSON_HEADERS, **error.headers}
     if shared is not None and not flow.metadata.get(RECORDED_KEY):
         try:
-            exchange = refused_exchange(client_request(flow), error)
+            exchange = refused_exchange(request or client_request(flow), error)
             headers["x-mitmroute-request-id"] = exchange.request_id
             flow.metadata[RECORDED_KEY] = True
             shared.publish_exchange(exchange)
         except Exception:  # the answer matters more than the row; say so loudly
             log.exception("mitmroute: could not record a refused request")
-    flow.response = http.Response.make(error.status, errors.render(error, dialect(flow)), headers)
+    return headers

@@ -1,16 +1,18 @@
 """Routes intercepted OpenAI API requests to the backends `router_config` names.
 
 Non-streamed answers are made here and set as `flow.response`, so the original host is never
-contacted. Streamed answers are handed to the in-process relay and the flow is pointed at it;
-`responseheaders` then switches mitmproxy to streaming so chunks flow through as they come.
-Any failure answers the client with an OpenAI-shaped error: a request is never forwarded
-unrouted.
+contacted. A request that asks for a stream is pointed at the in-process relay at once, before
+the backend answers: the relay waits for the answer the engine makes meanwhile (a stream, or a
+whole body such as an error) and `responseheaders` then switches mitmproxy to streaming so
+chunks flow through as they come. Any failure answers the client with an error in its own
+API shape: a request is never forwarded unrouted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 
 from mitmproxy import ctx, exceptions, http
@@ -34,7 +36,7 @@ from mitmroute.inbound import inbound_for
 from mitmroute.passthrough import Passthrough
 from mitmroute.request import JSON_HEADERS, ClientRequest, Reply
 from mitmroute.spend.tokens import warm_up
-from mitmroute.streaming.relay import RelayedStream, StreamRelay
+from mitmroute.streaming.relay import Outcome, RelayedAnswer, StreamRelay
 from mitmroute.streaming.tap import PassthroughTap
 
 log = logging.getLogger("mitmroute")
@@ -42,6 +44,9 @@ log = logging.getLogger("mitmroute")
 __all__ = ["EXCHANGE_KEY", "IDENTITY_KEY", "RELAY_KEY", "Router"]
 RETIRE_GRACE = 120.0
 """Seconds a replaced engine keeps its upstream session for requests in flight."""
+STREAM_ASKED = re.compile(rb'"stream"\s*:\s*true')
+"""A body that may ask for a stream, read without parsing it (the engine parses it once). A
+false positive (the words in a message) only sends a whole answer through the relay."""
 
 
 @fail_closed
@@ -129,12 +134,61 @@ class Router:
         if engine is None:
             return  # no config: the Seal answers 500, nothing goes out unrouted
         request = flows.client_request(flow)
+        dialect = flows.dialect(flow)
+        if STREAM_ASKED.search(request.body) is None:
+            reply = await self._reply(flow, engine, request, dialect)
+            flow.metadata[EXCHANGE_KEY] = reply.exchange
+            if reply.stream is None:
+                flow.response = http.Response.make(reply.status, reply.body, reply.headers)
+            else:
+                await self._relay(flow, _relayed(reply))
+            return
+        # A stream, likely: point the flow at the relay now and let the relay wait for the
+        # answer, so that mitmproxy's request to it overlaps the backend call.
+        flow.metadata[RECORDED_KEY] = True  # the task logs the one row, whatever happens
+        loop = asyncio.get_running_loop()
+        task = asyncio.Task(
+            self._answer(flow, engine, request, dialect), loop=loop, eager_start=True
+        )
+        if task.done() and (answer := task.result()).chunks is None:
+            # answered without waiting (refused, a cached answer): no need for the relay
+            flow.response = http.Response.make(answer.status, answer.body, answer.headers)
+            return
+        await self._relay(flow, task)
+
+    async def _answer(
+        self, flow: http.HTTPFlow, engine: Engine, request: ClientRequest, dialect: str
+    ) -> RelayedAnswer:
+        """The relay's answer to a flow pointed at it before the engine answered. Every
+        failure is answered in the client's dialect; cancelled (its client went away), every
+        layer below logs its exchange as `client_disconnected`."""
+        try:
+            reply = await self._reply(flow, engine, request, dialect)
+        except Exception as e:  # fail closed, as @fail_closed does for the hook itself
+            log.error("mitmroute: Router.request failed: %r", e, exc_info=e)
+            error = errors.internal_error(f"mitmroute internal error in Router.request: {e!r}")
+            if flow.metadata.get(EXCHANGE_KEY) is None:
+                flow.metadata.pop(RECORDED_KEY, None)  # no exchange yet: this is its row
+                headers = flows.record_refusal(flow, error, self.shared, request)
+            else:
+                headers = {**JSON_HEADERS, **error.headers}
+            return RelayedAnswer(error.status, headers, body=errors.render(error, dialect))
+        if reply.exchange is None:
+            flow.metadata.pop(RECORDED_KEY, None)  # nothing logged it: the Seal will
+        flow.metadata[EXCHANGE_KEY] = reply.exchange
+        return _relayed(reply)
+
+    async def _reply(
+        self, flow: http.HTTPFlow, engine: Engine, request: ClientRequest, dialect: str
+    ) -> Reply:
+        """The engine's answer in the client's dialect; passed through when it says so."""
         reply = await inbound_for(request.path).handle(engine, request)
         if reply.exchange is not None:
             flow.metadata[RECORDED_KEY] = True
+            flow.metadata[EXCHANGE_KEY] = reply.exchange
         if reply.passthrough:
-            reply = await self._pass_through(engine, request, reply, flows.dialect(flow))
-        await self._respond(flow, reply)
+            reply = await self._pass_through(engine, request, reply, dialect)
+        return reply
 
     async def _pass_through(
         self, engine: Engine, request: ClientRequest, reply: Reply, dialect: str
@@ -151,6 +205,11 @@ class Router:
         try:
             tap = PassthroughTap(exchange)
             forwarded = await self.passthrough.forward(request, tap, timeout, finish)
+        except asyncio.CancelledError:  # the client went away: its row says so
+            gone = errors.client_disconnected()
+            exchange.error_type = gone.code
+            engine.finish_passthrough(exchange, gone.status, None, None)
+            raise
         except ProxyError as e:
             exchange.error_type = e.code
             engine.finish_passthrough(exchange, e.status, None, None)
@@ -159,13 +218,10 @@ class Router:
         headers = {**forwarded.headers, "x-mitmroute-request-id": exchange.request_id}
         return Reply(forwarded.status, headers, stream=forwarded.body, exchange=exchange)
 
-    async def _respond(self, flow: http.HTTPFlow, reply: Reply) -> None:
-        flow.metadata[EXCHANGE_KEY] = reply.exchange
-        if reply.stream is None:
-            flow.response = http.Response.make(reply.status, reply.body, reply.headers)
-            return
+    async def _relay(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+        """Point the flow at the relay, which answers it with `outcome`."""
         await self.relay.start()
-        path = self.relay.register(RelayedStream(reply.status, reply.headers, reply.stream))
+        path = self.relay.register(outcome)
         flow.metadata[RELAY_KEY] = path
         flow.request.scheme = "http"
         flow.request.host = "127.0.0.1"
@@ -180,3 +236,7 @@ class Router:
     async def error(self, flow: http.HTTPFlow) -> None:
         if path := flow.metadata.pop(RELAY_KEY, None):
             await self.relay.abandon(path)
+
+
+def _relayed(reply: Reply) -> RelayedAnswer:
+    return RelayedAnswer(reply.status, reply.headers, reply.stream, reply.body)

@@ -102,10 +102,12 @@ def test_context_window_error_uses_context_window_fallbacks(ladder):
     assert headers["x-mitmroute-attempts"] == "2"
 
 
-def test_other_4xx_go_back_unchanged_without_fallback(ladder):
+@pytest.mark.parametrize("stream", [False, True])
+def test_other_4xx_go_back_unchanged_without_fallback(ladder, stream):
     with ladder.client() as client, pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="policy", messages=MSG)
+        client.chat.completions.create(model="policy", messages=MSG, stream=stream)
     assert info.value.code == "content_policy_violation"
+    assert info.value.response.reason_phrase == "Bad Request"
     assert info.value.response.headers["x-mitmroute-attempts"] == "1"
 
 
@@ -134,12 +136,15 @@ def test_other_deployment_of_the_group_takes_the_retry(ladder):
 
 def test_stream_failing_before_first_byte_falls_back_transparently(ladder):
     with ladder.client() as client:
-        chunks = list(
-            client.chat.completions.create(model="stream-primary", messages=MSG, stream=True)
+        raw = client.chat.completions.with_raw_response.create(
+            model="stream-primary", messages=MSG, stream=True
         )
+        chunks = list(raw.parse())
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "echo: are you there"
     assert chunks[0].model == "stream-backup-answer"
+    assert raw.headers["x-mitmroute-deployment"] == "openai/stream-backup-answer"
+    assert raw.headers["x-mitmroute-attempts"] == "2"
 
 
 def test_stream_breaking_mid_way_raises_in_the_sdk(ladder):

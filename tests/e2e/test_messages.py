@@ -48,14 +48,21 @@ def config(claude: FakeAnthropic, base: str, **general: Any) -> dict[str, Any]:
             ),
             deployment("gpt", "openai/gpt-4o", f"{base}/v1", api_key="sk-openai-backend"),
             deployment("llama", "ollama_chat/llama3", base),
-            deployment(
-                "broken-claude",
-                "anthropic/claude-sonnet-4-5",
-                claude.base_url,
-                api_key="sk-ant-revoked-key-0002",
+            deployment("refusing", "openai/fail-400", f"{base}/v1", api_key="sk-openai-backend"),
+            *(
+                deployment(
+                    name,
+                    "anthropic/claude-sonnet-4-5",
+                    claude.base_url,
+                    api_key="sk-ant-revoked-key-0002",
+                )
+                for name in ("broken-claude", "broken-claude-streamed")
             ),
         ],
-        "router_settings": {"num_retries": 0, "fallbacks": [{"broken-claude": ["gpt"]}]},
+        "router_settings": {
+            "num_retries": 0,
+            "fallbacks": [{"broken-claude": ["gpt"]}, {"broken-claude-streamed": ["gpt"]}],
+        },
         "general_settings": {"passthrough_unknown_models": False, **general},
     }
 
@@ -157,17 +164,24 @@ def test_a_native_stream_is_the_backends_own(proxy, claude):
     assert kinds.count("signature") == 1
 
 
-def test_a_failing_claude_deployment_falls_back_to_openai(proxy, backend):
+@pytest.mark.parametrize(
+    ("model", "stream"), [("broken-claude", False), ("broken-claude-streamed", True)]
+)
+def test_a_failing_claude_deployment_falls_back_to_openai(proxy, backend, model, stream):
     with sdk(proxy) as client:
         raw = client.messages.with_raw_response.create(
-            model="broken-claude",
+            model=model,
             max_tokens=50,
             messages=[{"role": "user", "content": "fall back please"}],
+            stream=stream,
         )
-        message = raw.parse()
+        if stream:
+            text = "".join(e.delta.text for e in raw.parse() if e.type == "content_block_delta")
+        else:
+            text = raw.parse().content[0].text
     assert raw.headers["x-mitmroute-deployment"] == "openai/gpt-4o"
     assert raw.headers["x-mitmroute-attempts"] == "2"
-    assert message.content[0].text == "echo: fall back please"
+    assert text == "echo: fall back please"
     assert backend.state.requests[-1]["max_completion_tokens"] == 50
 
 
@@ -196,11 +210,14 @@ def test_count_tokens_natively_or_locally(proxy):
             },
             anthropic.BadRequestError,
         ),
+        ({"model": "refusing", "max_tokens": 5}, anthropic.BadRequestError),
     ],
 )
-def test_errors_are_the_sdks_own_exceptions(proxy, kwargs, exception):
+@pytest.mark.parametrize("stream", [False, True])
+def test_errors_are_the_sdks_own_exceptions(proxy, kwargs, exception, stream):
+    """Streamed too: a backend's refusal comes after the flow was pointed at the relay."""
     with sdk(proxy) as client, pytest.raises(exception) as info:
-        client.messages.create(messages=[{"role": "user", "content": "x"}], **kwargs)
+        client.messages.create(messages=[{"role": "user", "content": "x"}], stream=stream, **kwargs)
     assert info.value.body["type"] == "error" and info.value.body["error"]["message"]
 
 

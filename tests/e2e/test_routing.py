@@ -15,7 +15,8 @@ from tests.conftest import deployment
 
 @pytest.fixture(scope="module")
 def routed(backend, confdir, tmp_path_factory):
-    """One proxy for the module: OpenAI-compatible, Ollama and an unrouted passthrough."""
+    """One proxy for the module: OpenAI-compatible, Ollama, a backend that refuses and an
+    unrouted passthrough."""
     from tests.conftest import Proxy
 
     base = backend.url
@@ -27,6 +28,7 @@ def routed(backend, confdir, tmp_path_factory):
             deployment("slow", "openai/slow-200", f"{base}/v1", api_key="sk-b"),
             deployment("no-key", "openai/ok-model", f"{base}/v1"),
             deployment("embed", "openai/text-embedding-3-small", f"{base}/v1", api_key="sk-b"),
+            deployment("refusing", "openai/policy", f"{base}/v1", api_key="sk-b"),
         ],
         "router_settings": {"model_group_alias": {"gpt-4o-alias": "gpt-4o"}},
         "general_settings": {"passthrough_unknown_models": False},
@@ -113,6 +115,27 @@ def test_streamed_chat_arrives_incrementally(routed):
     assert arrivals[0] < 0.6
 
 
+def test_http2_clients_get_streams_and_streamed_errors(routed):
+    """Over HTTP/2 (several streams on one connection) the relay's answers arrive as over
+    HTTP/1.1: a stream chunk by chunk, an error whole with its status."""
+    ask = {"stream": True, "messages": [{"role": "user", "content": "over h2"}]}
+    url = "https://api.openai.com/v1/chat/completions"
+    with routed.http(http2=True) as http:
+        with http.stream("POST", url, json={"model": "gpt-4o", **ask}) as resp:
+            assert resp.http_version == "HTTP/2"
+            events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+        refused = http.post(url, json={"model": "refusing", **ask})
+        missing = http.post(url, json={"model": "nope", **ask})
+    assert events[-1] == "data: [DONE]"
+    text = "".join(
+        json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+    )
+    assert text == "echo: over h2"
+    assert refused.http_version == "HTTP/2" and refused.status_code == 400
+    assert refused.json()["error"]["code"] == "content_policy_violation"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
 def test_stream_usage_chunk_only_when_asked(routed):
     with routed.client() as client:
         plain = list(
@@ -170,9 +193,12 @@ def test_models_lists_configured_groups(routed):
     assert {"gpt-4o", "local-qwen", "gpt-4o-alias"} <= ids
 
 
-def test_unknown_model_is_404_when_passthrough_is_off(routed):
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model_is_404_when_passthrough_is_off(routed, stream):
     with routed.client() as client, pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="nope", messages=[{"role": "user", "content": "x"}], stream=stream
+        )
     assert info.value.code == "model_not_found"
 
 
@@ -200,7 +226,10 @@ def test_bad_input_gets_an_openai_shaped_400(routed, body, param):
     assert resp.headers["x-mitmroute-request-id"]
 
 
-def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy):
+@pytest.mark.parametrize("stream", [False, True])
+def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy, stream):
+    """Streamed, the flow already waits at the relay when the backend fails: the error still
+    comes as OpenAI's, status and all."""
     dead = f"http://127.0.0.1:{_closed_port()}/v1"
     proxy = start_proxy(
         {
@@ -209,9 +238,45 @@ def test_unreachable_backend_fails_closed_with_a_5xx(start_proxy):
         }
     )
     with proxy.client() as client, pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=stream
+        )
     assert info.value.status_code == 503
+    assert info.value.response.reason_phrase == "Service Unavailable"
     assert "unreachable" in info.value.message
+    assert info.value.response.headers["x-mitmroute-request-id"].startswith("mr-")
+
+
+def test_a_body_that_only_mentions_stream_true_gets_its_whole_answer(routed):
+    """`"stream": true` nested in the body (a tool's schema) is not a stream: the answer is
+    the whole JSON completion, with its length."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "play",
+            "parameters": {"type": "object", "properties": {"stream": True}},
+        },
+    }
+    body = {
+        "model": "gpt-4o",
+        "stream": False,
+        "tools": [tool],
+        "messages": [{"role": "user", "content": "not a stream"}],
+    }
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    assert b'"stream":true' in raw
+    with routed.http() as http:
+        resp = http.post(
+            "https://api.openai.com/v1/chat/completions",
+            content=raw,
+            headers={"content-type": "application/json"},
+        )
+    assert resp.status_code == 200
+    assert resp.headers["content-type"] == "application/json"
+    assert int(resp.headers["content-length"]) == len(resp.content)
+    completion = resp.json()
+    assert completion["object"] == "chat.completion"
+    assert completion["choices"][0]["message"]["content"] == "echo: not a stream"
 
 
 def test_curl_through_the_proxy(routed):

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from decimal import Decimal
 
 import duckdb
+import httpx2 as httpx
 import openai
 import pytest
 
@@ -289,3 +294,92 @@ def test_client_leaving_mid_stream_is_logged_and_stops_the_upstream(start_proxy,
     )
     assert error_type == "client_disconnected"
     assert completion < 16  # the rest of the answer was never read from the backend
+
+
+class SilentBackend:
+    """Takes one request and never answers it; notes when the caller hangs up."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.asked, self.hung_up = threading.Event(), threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            conn.settimeout(30)
+            conn.recv(65536)
+            self.asked.set()
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):  # until the caller hangs up
+                    pass
+            self.hung_up.set()
+        self.sock.close()
+
+
+def h2_stream_reset(proxy, body: dict) -> None:
+    """Over HTTP/2: send a streamed request, wait a second for its answer, then cancel the
+    stream (RST_STREAM) and keep the connection open for another second."""
+    import h2.connection
+    import h2.events
+
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    sock.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\r\nhost: api.openai.com:443\r\n\r\n")
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    context = proxy.ssl_context()
+    context.set_alpn_protocols(["h2"])
+    with context.wrap_socket(sock, server_hostname="api.openai.com") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        payload = json.dumps(body).encode()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", "api.openai.com"),
+            (":path", "/v1/chat/completions"),
+            ("content-type", "application/json"),
+            ("authorization", "Bearer sk-client-key"),
+            ("content-length", str(len(payload))),
+        ]
+        conn.send_headers(1, headers)
+        conn.send_data(1, payload, end_stream=True)
+        tls.sendall(conn.data_to_send())
+        tls.settimeout(1.0)
+        with contextlib.suppress(TimeoutError):
+            while data := tls.recv(65536):  # settings and acks only: no answer yet
+                events = conn.receive_data(data)
+                assert not any(isinstance(e, h2.events.ResponseReceived) for e in events)
+                tls.sendall(conn.data_to_send())
+        conn.reset_stream(1)
+        tls.sendall(conn.data_to_send())
+        time.sleep(1.0)
+
+
+@pytest.mark.parametrize("http2", [False, True])
+def test_client_leaving_before_the_first_chunk_stops_the_backend_call_and_is_logged_once(
+    start_proxy, http2
+):
+    """The flow waits at the relay while the backend thinks: a client that gives up then
+    ends the backend call at once, and its one spend row says why. Over HTTP/2 the client
+    cancels its stream and keeps the connection a while."""
+    silent = SilentBackend()
+    proxy = start_proxy(
+        {"model_list": [deployment("gpt-4o", "openai/gpt-4o", f"{silent.url}/v1", api_key="k")]}
+    )
+    body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    if http2:
+        h2_stream_reset(proxy, body)
+        assert silent.hung_up.is_set(), "the backend call went on after the stream's reset"
+    else:
+        with proxy.http() as http, pytest.raises(httpx.ReadTimeout):
+            http.post("https://api.openai.com/v1/chat/completions", json=body, timeout=1.0)
+    assert silent.asked.is_set()
+    assert silent.hung_up.wait(5), "the backend call went on after the client left"
+    proxy.stop()
+    ((error_type, status, latency),) = rows(
+        proxy.spend_db, "select error_type, status_code, latency_ms from spend_log"
+    )
+    assert (error_type, status) == ("client_disconnected", 499)
+    assert latency < 5000

@@ -145,6 +145,43 @@ async def test_a_backend_that_stalls_mid_stream_ends_it_with_a_stalled_error():
     assert 0.15 < waited < 0.8
 
 
+async def test_a_request_cancelled_before_the_first_chunk_ends_the_call_and_logs_one_row():
+    """The client went away while the backend was thinking (the relay cancels the engine's
+    task): the backend's connection is closed and one row says `client_disconnected`."""
+    asked, gone = asyncio.Event(), asyncio.Event()
+
+    async def thinks(request: web.Request) -> web.StreamResponse:
+        asked.set()
+        try:
+            await asyncio.sleep(10)
+        finally:
+            gone.set()  # aiohttp cancels a handler whose client hung up
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", thinks)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    engine = engine_for(f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    logged: list = []
+    engine.listeners.append(logged.append)
+    try:
+        task = asyncio.get_running_loop().create_task(open_stream(engine))
+        await asyncio.wait_for(asked.wait(), 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(gone.wait(), 2)
+    finally:
+        await engine.close()
+        await runner.cleanup()
+    assert [(e.status_code, e.error_type, e.stream) for e in logged] == [
+        (499, "client_disconnected", True)
+    ]
+
+
 async def test_a_consumer_slower_than_the_stream_timeout_is_not_a_stall():
     """The timeout bounds a wait for the backend, not the time the client takes to read."""
 

@@ -10,6 +10,7 @@ Anthropic sent it. The header `x-mitmroute-token-count` says which: `anthropic` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -44,14 +45,21 @@ async def count_tokens(
             return Reply(passthrough=True, exchange=exchange)
         return _error(engine, exchange, errors.model_not_found(model))
     exchange.model_group = group
-    await engine.start()
-    native = NativeRequest("anthropic", COUNT_TOKENS, body, query)
-    for deployment in engine.groups[group]:
-        if deployment.provider != "anthropic" or engine.cooldowns.remaining(deployment.id) > 0:
-            continue
-        reply = await _native(engine, request, native, deployment, exchange)
-        if reply is not None:
-            return reply
+    try:
+        await engine.start()
+        native = NativeRequest("anthropic", COUNT_TOKENS, body, query)
+        for deployment in engine.groups[group]:
+            resting = engine.cooldowns.remaining(deployment.id) > 0
+            if deployment.provider != "anthropic" or resting:
+                continue
+            reply = await _native(engine, request, native, deployment, exchange)
+            if reply is not None:
+                return reply
+    except asyncio.CancelledError:  # the client went away: its row says so
+        gone = errors.client_disconnected()
+        exchange.status_code, exchange.error_type = gone.status, gone.code
+        engine.finish(exchange)
+        raise
     tokens = estimate_prompt_tokens(body, model)
     exchange.deployment = "mitmroute/count_tokens"
     payload = json.dumps({"input_tokens": tokens}).encode()

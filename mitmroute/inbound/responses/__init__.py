@@ -15,6 +15,7 @@ A model the config doesn't list passes through to the original host unchanged (w
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -120,7 +121,11 @@ class ResponsesInbound:
                 )
             stored = None
             if RESPONSE_ID.fullmatch(previous):
-                stored = await store.get(previous, owner)
+                try:
+                    stored = await store.get(previous, owner)
+                except asyncio.CancelledError:  # the client went away: its row says so
+                    _refuse(engine, request, errors.client_disconnected(), "responses")
+                    raise
             if stored is None:
                 raise ProxyError(
                     404,
