@@ -762,8 +762,7 @@ class Pool:
                 origin.port,
                 ssl=tls,
                 server_hostname=origin.host if tls is not None else None,
-                happy_eyeballs_delay=0.25,
-            )
+            )  # no happy_eyeballs_delay: Python 3.13.0's staggered_race fails an assertion
         except OSError as e:
             reason = e.strerror or str(e) or type(e).__name__
             message = f"Cannot connect to host {origin.host}:{origin.port}: {reason}"
