@@ -371,6 +371,8 @@ def request_head(
     return head.encode("utf-8"), keep
 
 
+_HEX = b"0123456789abcdefABCDEF"
+
 # Where a connection's parser is.
 _IDLE, _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE = range(8)
 
@@ -389,7 +391,8 @@ class Connection(asyncio.Protocol):
         """Some byte of the current request's response has come."""
         self.idle_since = 0.0
         self._state = _IDLE
-        self._buf = bytearray()
+        self._buf = b""
+        """The start of something (a head, a chunk-size line) that needs more bytes."""
         self._head: asyncio.Future[Response] | None = None
         self._response: Response | None = None
         self._body: Body | None = None
@@ -436,12 +439,10 @@ class Connection(asyncio.Protocol):
             self._feed(data[:remaining] if len(data) > remaining else data)
             self._end_of_body(extra=len(data) > remaining)
             return
-        if self._state == _IDLE:  # nothing was asked: a server's late 408 or garbage
-            self.abort()
-            return
-        self._buf += data
+        if self._buf:
+            data, self._buf = self._buf + data, b""
         try:
-            self._parse()
+            self._parse(data)
         except ProtocolError as e:
             self._break(e)
 
@@ -498,124 +499,118 @@ class Connection(asyncio.Protocol):
         if self._body is not None and data:
             self._body.feed(data)
 
-    def _parse(self) -> None:
-        buf = self._buf
-        while buf and not self.closed:
+    def _parse(self, data: bytes) -> None:
+        """Consume `data`; a part too short to parse yet waits in `_buf` for more."""
+        pos, size = 0, len(data)
+        while pos < size and not self.closed:
             state = self._state
-            if state == _HEAD:
-                end = buf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(buf) > MAX_HEAD:
-                        raise ProtocolError("the response head is too large")
-                    return
-                if end > MAX_HEAD:
-                    raise ProtocolError("the response head is too large")
-                head = bytes(buf[:end])
-                del buf[: end + 4]
-                self._on_head(head)
-            elif state == _LENGTH:
-                n = min(len(buf), self._remaining)
-                self._feed(bytes(buf[:n]))
-                del buf[:n]
+            if state in (_CHUNK_DATA, _LENGTH):
+                n = min(size - pos, self._remaining)
+                self._feed(data[pos : pos + n] if n < size else data)
+                pos += n
                 self._remaining -= n
-                if not self._remaining:
-                    self._end_of_body(extra=bool(buf))
+                if self._remaining:
+                    continue
+                if state == _LENGTH:
+                    self._end_of_body(extra=pos < size)
                     return
+                self._state = _CHUNK_END
             elif state == _CHUNK_SIZE:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_LINE:
+                eol = data.find(b"\r\n", pos, pos + MAX_LINE + 2)
+                if eol < 0:
+                    if size - pos > MAX_LINE:
                         raise ProtocolError("a chunk-size line is too long")
-                    return
-                size = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[: end + 2]
-                if not size or len(size) > 16 or not _is_hex(size):
+                    break
+                digits = data[pos:eol].split(b";", 1)[0].strip(b" \t")
+                pos = eol + 2
+                if not digits or len(digits) > 15 or digits.strip(_HEX):
                     raise ProtocolError("a chunk size is not a hex number")
-                self._remaining = int(size, 16)
+                self._remaining = int(digits, 16)
                 self._state = _CHUNK_DATA if self._remaining else _TRAILERS
-            elif state == _CHUNK_DATA:
-                n = min(len(buf), self._remaining)
-                self._feed(bytes(buf[:n]))
-                del buf[:n]
-                self._remaining -= n
-                if not self._remaining:
-                    self._state = _CHUNK_END
             elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != b"\r\n":
+                if size - pos < 2:
+                    break
+                if data[pos : pos + 2] != b"\r\n":
                     raise ProtocolError("a chunk does not end with CRLF")
-                del buf[:2]
+                pos += 2
                 self._state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = buf.find(b"\r\n")
-                if end < 0:
-                    if len(buf) > MAX_LINE:
-                        raise ProtocolError("a trailer line is too long")
+            elif state == _HEAD:
+                eol = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
+                if eol < 0:
+                    if size - pos > MAX_HEAD:
+                        raise ProtocolError("the response head is too large")
+                    break
+                head = data[pos:eol]
+                pos = eol + 4
+                if self._on_head(head):  # a whole answer without a body
+                    self._end_of_body(extra=pos < size)
                     return
-                del buf[: end + 2]
-                if end == 0:  # the empty line that ends the trailers (ignored)
-                    self._end_of_body(extra=bool(buf))
+            elif state == _TRAILERS:
+                eol = data.find(b"\r\n", pos, pos + MAX_LINE + 2)
+                if eol < 0:
+                    if size - pos > MAX_LINE:
+                        raise ProtocolError("a trailer line is too long")
+                    break
+                empty = eol == pos
+                pos = eol + 2
+                if empty:  # the end of the trailers (which are ignored)
+                    self._end_of_body(extra=pos < size)
                     return
             elif state == _UNTIL_CLOSE:
-                self._feed(bytes(buf))
-                buf.clear()
-            else:  # _IDLE: bytes nobody asked for
+                self._feed(data[pos:] if pos else data)
+                return
+            else:  # _IDLE: bytes nobody asked for (a late 408, garbage)
                 self.abort()
                 return
+        if pos < size and not self.closed:
+            self._buf = data[pos:]
 
-    def _on_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
+    def _on_head(self, head: bytes) -> bool:
+        """Parse a response head; True when it is the whole answer (no body follows)."""
+        text = head.decode("utf-8", "surrogateescape")
+        lines = text.split("\r\n")
         breaks = len(lines) - 1
-        if head.count(b"\n") != breaks or head.count(b"\r") != breaks or b"\0" in head:
+        if text.count("\n") != breaks or text.count("\r") != breaks or "\0" in text:
             raise ProtocolError("the response head holds a bare CR, LF or a NUL")
+        if breaks > MAX_HEADERS:
+            raise ProtocolError("the response has too many headers")
         status_line = lines[0]
         if len(status_line) > MAX_LINE:
             raise ProtocolError("the status line is too long")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or parts[0] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        parts = status_line.split(" ", 2)
+        version = parts[0]
+        if len(parts) < 2 or version not in ("HTTP/1.1", "HTTP/1.0"):
             raise ProtocolError("the response does not start with an HTTP/1.x status line")
         code = parts[1]
-        if len(code) != 3 or not code.isdigit():
+        if len(code) != 3 or not code.isdigit() or not code.isascii():
             raise ProtocolError("the response's status code is not 3 digits")
         status = int(code)
-        if len(lines) - 1 > MAX_HEADERS:
-            raise ProtocolError("the response has too many headers")
         raw: list[tuple[str, str]] = []
         for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name[-1] in " \t" or line[0] in " \t":
+                raise ProtocolError("a response header line is malformed")
             if len(line) > MAX_LINE:
                 raise ProtocolError("a response header line is too long")
-            name, sep, value = line.partition(b":")
-            if not sep or not name or name[-1:] in b" \t" or line[:1] in b" \t":
-                raise ProtocolError("a response header line is malformed")
-            raw.append(
-                (
-                    name.decode("ascii", "surrogateescape"),
-                    value.strip(b" \t").decode("utf-8", "surrogateescape"),
-                )
-            )
-        if 100 <= status < 200:
+            raw.append((name, value.strip(" \t")))
+        if status < 200:
             if status == 101:
                 raise ProtocolError("the server switched protocols")
-            return  # an interim response: the real one follows
+            return False  # an interim answer (100 Continue, 103): the real one follows
         headers = Headers(raw)
-        version = parts[0].decode()
         state, decoder = self._framing(status, headers, version)
         body = Body(self, decoder)
-        reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
+        reason = parts[2] if len(parts) > 2 else ""
         response = Response(self, version, status, reason, headers, body)
         self._response = response
-        if state == _IDLE:
-            self._complete(reuse=self._keep_alive and not self._buf)
-            body.feed_eof()
-        else:
-            self._body = body
-            self._state = state
+        self._body = body
+        self._state = state
         waiter, self._head = self._head, None
         if waiter is not None and not waiter.done():
             waiter.set_result(response)
         else:
             response.close()  # nobody waits for it any more
+        return state == _IDLE
 
     def _framing(self, status: int, headers: Headers, version: str) -> tuple[int, _Decoder | None]:
         """How the body is delimited (the parser's next state) and decoded; sets `_keep_alive`
@@ -665,10 +660,11 @@ class Connection(asyncio.Protocol):
         """The response came whole: the connection is free again (or closed)."""
         self._state = _IDLE
         self._detach()
-        self._buf.clear()
+        self._buf = b""
         if self._paused:
             self.resume()
-        if reuse and not self.closed:
+        transport = self.transport
+        if reuse and not self.closed and transport and not transport.get_write_buffer_size():
             self.reused = True
             self._pool.release(self)
         else:
@@ -693,24 +689,16 @@ class Connection(asyncio.Protocol):
         self.abort()
 
 
-def _is_hex(value: bytes) -> bool:
-    return all(c in b"0123456789abcdefABCDEF" for c in value)
-
-
 class Pool:
     """Keep-alive connections per origin; an idle one is closed after IDLE_TIMEOUT."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._ssl = ssl_context
+        self._ssl = ssl_context or _default_ssl_context()
+        """What https connections trust: the system's store unless told otherwise (tests)."""
         self._idle: dict[Origin, list[Connection]] = {}
         self._busy: set[Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
-
-    def ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = _default_ssl_context()
-        return self._ssl
 
     async def request(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes = b""
@@ -754,7 +742,7 @@ class Pool:
 
     async def _connect(self, origin: Origin) -> Connection:
         loop = asyncio.get_running_loop()
-        tls = self.ssl_context() if origin.scheme == "https" else None
+        tls = self._ssl if origin.scheme == "https" else None
         try:
             _, conn = await loop.create_connection(
                 lambda: Connection(self, origin),

@@ -643,3 +643,62 @@ async def test_tls_with_a_host_name_the_certificate_does_not_name_is_refused(tmp
         assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
     finally:
         await trusting.close()
+
+
+# --- the parser, fed in every split -----------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closing = False
+        self.paused = False
+
+    def write(self, data: bytes) -> None:  # type: ignore[override]
+        self.written += bytes(data)
+
+    def writelines(self, lines) -> None:  # type: ignore[override]
+        for line in lines:
+            self.write(line)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+WIRE = (
+    b"HTTP/1.1 100 Continue\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A:  spaced \t\r\n\r\n"
+    b"3;ext=1\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nTrailer: 1\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 50, len(WIRE)])
+async def test_an_answer_split_anywhere_parses_the_same(step):
+    pool = Pool()
+    origin = upstream_http.Origin("http", "example", 80)
+    conn = upstream_http.Connection(pool, origin)
+    transport = FakeTransport()
+    conn.connection_made(transport)
+    head = conn.send(b"POST / HTTP/1.1\r\n\r\n", b"", True)
+    for i in range(0, len(WIRE), step):
+        conn.data_received(WIRE[i : i + step])
+    resp = await head
+    assert resp.status == 200 and resp.headers["x-a"] == "spaced"
+    assert await resp.read() == b"abc0123456789abcdef"
+    assert not transport.closing and pool.connections() == 1  # back in the pool
