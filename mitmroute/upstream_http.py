@@ -465,10 +465,10 @@ class Connection(asyncio.Protocol):
         self._keep_request = keep
         self._state = _HEAD
         self._head = asyncio.get_running_loop().create_future()
-        if body:
+        if len(body) > 65536:
             self.transport.writelines((head, body))
-        else:
-            self.transport.write(head)
+        else:  # one send(); writelines' sendmsg also (un)registers a writer each time
+            self.transport.write(head + body)
         return self._head
 
     def pause(self) -> None:
