@@ -385,8 +385,6 @@ class Connection(asyncio.Protocol):
         self.origin = origin
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
-        """It carried a response before the current request."""
         self.received = False
         """Some byte of the current request's response has come."""
         self.idle_since = 0.0
@@ -644,7 +642,7 @@ class Connection(asyncio.Protocol):
             return _UNTIL_CLOSE, decoder
         values = {v.strip() for v in headers.getall("content-length")}
         length = length.strip()
-        if len(values) != 1 or not length.isdigit() or len(length) > 18:
+        if len(values) != 1 or not (length.isascii() and length.isdigit()) or len(length) > 18:
             raise ProtocolError("the response's Content-Length is not valid")
         self._remaining = int(length)
         return (_LENGTH if self._remaining else _IDLE), decoder
@@ -665,7 +663,6 @@ class Connection(asyncio.Protocol):
             self.resume()
         transport = self.transport
         if reuse and not self.closed and transport and not transport.get_write_buffer_size():
-            self.reused = True
             self._pool.release(self)
         else:
             self.close_idle()
@@ -703,7 +700,8 @@ class Pool:
     async def request(
         self, method: str, url: str, headers: Mapping[str, str], data: bytes = b""
     ) -> Response:
-        """Send a request and wait for its response's head; the body is read from it."""
+        """Send a request and wait for its response's head; the body is read from it. (Not
+        for HEAD: its answer would be read as if a body followed.)"""
         if self._closed:
             raise Disconnected("the HTTP client is closed")
         target = parse_url(url)
