@@ -1,5 +1,5 @@
-"""Calling one deployment: build the provider's request, send it on the pooled session, and turn
-what comes back (an answer, an open stream or an error) into the engine's terms."""
+"""Calling one deployment: build the provider's request, send it on the pooled connections, and
+turn what comes back (an answer, an open stream or an error) into the engine's terms."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from mitmroute.providers import EMBEDDINGS, Provider, provider_for
 from mitmroute.providers.base import StreamTranslator, UpstreamCall
 from mitmroute.request import ClientRequest, NativeRequest, bearer, now_utc
 from mitmroute.secrets import LineRedactor, Redactor, deployment_secrets, same_origin
+from mitmroute.upstream_http import Pool, Response
 
 FORWARDED_CLIENT_HEADERS = ("openai-organization", "openai-project")
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key")
@@ -76,7 +77,7 @@ class WholeAnswer(StreamTranslator):
         return True
 
 
-def _whole_json(resp: aiohttp.ClientResponse) -> bool:
+def _whole_json(resp: Response) -> bool:
     media = resp.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return media == "application/json"
 
@@ -99,7 +100,7 @@ class Answer:
 
 @dataclass(slots=True)
 class OpenStream:
-    response: aiohttp.ClientResponse
+    response: Response
     translator: StreamTranslator
     first: list[dict[str, Any]]
     read_timeout: float | None
@@ -193,33 +194,25 @@ def call_failure(error: BaseException, deployment: Deployment, timed_out: str) -
 
 
 class Upstream:
-    """The pooled HTTP session to every backend, and one attempt at one deployment."""
+    """The pooled HTTP connections to every backend, and one attempt at one deployment."""
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.session: aiohttp.ClientSession | None = None
+        self.http: Pool | None = None
         self.redactor = Redactor.for_deployments(config.deployments)
         """Every backend secret of the config, scrubbed from whatever comes back."""
         self._credentialed = {d.id for d in config.deployments if any(deployment_secrets(d))}
 
     async def start(self) -> None:
-        """Open the pooled session (idempotent)."""
-        if self.session is not None:
-            return
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=60
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        """Open the connection pool (idempotent)."""
+        if self.http is None:
+            self.http = Pool()
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        """Close every pooled connection; calls still under way fail."""
+        if self.http is not None:
+            await self.http.close()
+            self.http = None
 
     def _client_key_goes_to(self, deployment: Deployment, client: ClientRequest) -> bool:
         """A client's key goes only to a deployment with no credentials of its own, and only
@@ -350,7 +343,7 @@ class Upstream:
                 headers=_native_headers(provider, answer_headers) if native else None,
             )
         except ProxyError as e:
-            redactor.error(e)  # aiohttp's texts may hold a URL with credentials
+            redactor.error(e)  # an error's text may hold a URL with credentials
             attempt.status_code, attempt.error_type = e.status, e.code or e.kind
             raise
         finally:
@@ -367,7 +360,7 @@ class Upstream:
         """Send a ready-made call (e.g. a native request the engine doesn't route) as one
         attempt of `exchange`: the status, the answer's native headers and its redacted bytes.
         Raises ProxyError when the backend can't be reached or doesn't answer in time."""
-        assert self.session is not None
+        assert self.http is not None
         provider = provider_for(deployment.provider)
         headers, redactor = self._credentials(deployment, client, call.headers)
         number = len(exchange.attempts) + 1
@@ -375,12 +368,10 @@ class Upstream:
         exchange.attempts.append(attempt)
         t0 = time.perf_counter()
         try:
-            async with self.session.post(
-                call.url,
-                data=call.body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
+            async with (
+                asyncio.timeout(timeout),
+                await self.http.post(call.url, call.body, headers) as resp,
+            ):
                 raw = redactor.bytes(await resp.read())
                 attempt.status_code = resp.status
                 if resp.status >= 400:
@@ -408,11 +399,12 @@ class Upstream:
         redactor: Redactor,
     ) -> tuple[dict[str, Any], bytes, Mapping[str, str]]:
         """The parsed answer, the (redacted) bytes it was parsed from, and its headers."""
-        assert self.session is not None
+        assert self.http is not None
         try:
-            async with self.session.post(
-                url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
+            async with (
+                asyncio.timeout(timeout),
+                await self.http.post(url, data, headers) as resp,
+            ):
                 raw = redactor.bytes(await resp.read())
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, raw)
@@ -438,11 +430,11 @@ class Upstream:
     ) -> OpenStream:
         """Open the upstream stream and wait for its first chunk: failing before that point
         is still invisible to the client (the ladder moves on)."""
-        assert self.session is not None
+        assert self.http is not None
         resp = None
         try:
             async with asyncio.timeout(first_byte):  # one deadline, keep-alive comments or not
-                resp = await self.session.post(url, data=data, headers=headers)
+                resp = await self.http.post(url, data, headers)
                 if resp.status >= 400:
                     raise self._upstream_error(provider, resp, redactor.bytes(await resp.read()))
                 if native is None and _whole_json(resp):
@@ -484,7 +476,7 @@ class Upstream:
             raise error from None
 
     @staticmethod
-    def _upstream_error(provider: Provider, resp: aiohttp.ClientResponse, raw: bytes) -> ProxyError:
+    def _upstream_error(provider: Provider, resp: Response, raw: bytes) -> ProxyError:
         try:
             payload: Any = json.loads(raw)
         except ValueError:

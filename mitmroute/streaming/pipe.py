@@ -25,6 +25,7 @@ from mitmroute.exchange import Exchange, Usage
 from mitmroute.providers.base import StreamTranslator
 from mitmroute.streaming.sse import DONE, ChunkAssembler, encode, encode_error, encode_native_error
 from mitmroute.upstream import NativeTee, OpenStream
+from mitmroute.upstream_http import Body
 
 
 def _render(
@@ -88,7 +89,7 @@ class StallWatch:
 
     __slots__ = ("_content", "_handle", "_loop", "_timeout", "reading_since")
 
-    def __init__(self, content: aiohttp.StreamReader, timeout: float) -> None:
+    def __init__(self, content: Body, timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._content = content
         self._timeout = timeout

@@ -222,16 +222,16 @@ async def test_an_attempt_fails_with_the_forwarded_client_key_redacted(fake):
     assert info.value.message == "Incorrect API key provided: Bearer sk-...4242"
 
 
-async def test_an_aiohttp_error_naming_the_api_base_is_redacted(monkeypatch):
+async def test_a_client_error_naming_the_api_base_is_redacted(monkeypatch):
     api_base = "https://svc:url-password-123@llm.example/v1?token=query-token-123"
     cfg = config(entry("openai/x", api_base))
     upstream = Upstream(cfg)
     await upstream.start()
 
-    def post(url, **kwargs):
+    async def post(url, *args, **kwargs):
         raise aiohttp.InvalidURL(api_base)
 
-    monkeypatch.setattr(upstream.session, "post", post)
+    monkeypatch.setattr(upstream.http, "post", post)
     client = ClientRequest("POST", "/v1/chat/completions", {}, b"")
     exchange = new_exchange(client, "chat/completions")
     try:
