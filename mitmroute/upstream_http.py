@@ -1,8 +1,9 @@
 """A lean HTTP/1.1 client for the calls to backends, on asyncio Protocols.
 
 It does only what `Upstream` needs: one request at a time on a connection, keep-alive
-connections pooled per origin (closed after 60 s idle), a reused connection that the server
-closed while idle retried once on a new one, TLS with the system's trust, bodies by
+connections pooled per origin (closed after 60 s idle; one with anything to read while idle,
+its server's close above all, is dropped before reuse; a request is never sent twice), TLS with
+the system's trust, bodies by
 Content-Length, chunked or until close, gzip/deflate decoded as they are read, and a body
 reader with flow control (the socket stops being read while 64 KiB wait unread).
 
@@ -15,6 +16,7 @@ import asyncio
 import base64
 import functools
 import re
+import select
 import ssl
 import zlib
 from collections import deque
@@ -35,6 +37,10 @@ MAX_HEAD = 64 * 1024
 """Longest response head (status line and headers) accepted."""
 DECODE_STEP = 256 * 1024
 """Most decompressed bytes made from one read (a small compressed body may inflate a lot)."""
+MAX_WHOLE_BODY = 256 * 1024 * 1024
+"""Largest body `read()` gathers whole (decoded): a bigger one is an error, not memory."""
+IDEMPOTENT = frozenset({"GET", "OPTIONS", "PUT", "DELETE"})
+"""Methods sent again on a new connection when a reused one ends before any answer byte."""
 
 
 class HTTPClientError(aiohttp.ClientError):
@@ -118,12 +124,16 @@ class _Decoder:
             raise PayloadError(f"Can not decode content-encoding: {e}") from None
 
     def flush(self) -> bytes:
+        """The rest, at the body's end; PayloadError when the compressed data stopped short."""
         if self._z is None:
             return b""
         try:
-            return self._z.flush()
+            rest = self._z.flush()
         except zlib.error as e:
             raise PayloadError(f"Can not decode content-encoding: {e}") from None
+        if not self._z.eof:
+            raise PayloadError("the compressed body ends before its compressed data does")
+        return rest
 
 
 class Body:
@@ -209,10 +219,13 @@ class Body:
             finally:
                 self._waiter = None
 
-    async def read(self) -> bytes:
-        """The whole (rest of the) body."""
-        parts = []
+    async def read(self, limit: int = MAX_WHOLE_BODY) -> bytes:
+        """The whole (rest of the) body; PayloadError past `limit` bytes."""
+        parts, size = [], 0
         while data := await self.readany():
+            size += len(data)
+            if size > limit:
+                raise PayloadError(f"the answer is larger than {limit} bytes")
             parts.append(data)
         return b"".join(parts)
 
@@ -368,7 +381,8 @@ def request_head(
     breaks = len(lines) + 2  # one a line, two more in the last (Host, Content-Length, end)
     if head.count("\n") != breaks or head.count("\r") != breaks or "\0" in head:
         raise InvalidRequest("a request header holds a CR, LF or NUL character")
-    return head.encode("utf-8"), keep
+    # a client's header bytes that are not UTF-8 came in as surrogates: they go out as they came
+    return head.encode("utf-8", "surrogateescape"), keep
 
 
 _HEX = b"0123456789abcdefABCDEF"
@@ -398,6 +412,8 @@ class Connection(asyncio.Protocol):
         self._keep_alive = False
         self._keep_request = True
         self._paused = False
+        self._aborted = False
+        """This side cut the connection: a body read until close is not complete."""
 
     # --- asyncio.Protocol ------------------------------------------------------------------
 
@@ -418,7 +434,7 @@ class Connection(asyncio.Protocol):
         body = self._body
         if body is not None:
             self._body = None
-            if state == _UNTIL_CLOSE and exc is None:
+            if state == _UNTIL_CLOSE and exc is None and not self._aborted:
                 self._complete(reuse=False)
                 body.feed_eof()
             else:
@@ -480,10 +496,21 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def abort(self) -> None:
+        self._aborted = True
         if not self.closed:
             self.closed = True
             if self.transport is not None:
                 self.transport.abort()
+
+    def readable(self) -> bool:
+        """Something waits to be read on this idle connection (its server's close, mostly,
+        not yet seen by the event loop): it cannot carry a request."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI | select.POLLRDHUP)
+        return bool(poller.poll(0))
 
     def close_idle(self) -> None:
         if not self.closed:
@@ -619,19 +646,25 @@ class Connection(asyncio.Protocol):
             decoder = _Decoder("deflate" if encoding == "deflate" else "gzip")
         elif encoding not in ("", "identity"):
             raise ProtocolError(f"unsupported content-encoding {encoding[:40]!r}")
-        connection = (headers.get("connection") or "").lower()
+        connection = ",".join(headers.getall("connection")).lower()
         if not self._keep_request:
             self._keep_alive = False
         elif version == "HTTP/1.1":
             self._keep_alive = "close" not in connection
         else:
             self._keep_alive = "keep-alive" in connection
-        transfer = headers.get("transfer-encoding")
+        transfer = ",".join(headers.getall("transfer-encoding")) or None
         length = headers.get("content-length")
         if status in (204, 304):
             return _IDLE, decoder
         if transfer is not None:
-            if transfer.lower().rsplit(",", 1)[-1].strip() != "chunked":
+            codings = [c.strip() for c in transfer.lower().split(",") if c.strip()]
+            if (
+                any(c not in ("chunked", "identity") for c in codings)
+                or codings.count("chunked") > 1
+            ):
+                raise ProtocolError(f"unsupported transfer-encoding {transfer[:40]!r}")
+            if "chunked" not in codings or codings[-1] != "chunked":
                 self._keep_alive = False
                 return _UNTIL_CLOSE, decoder
             if length is not None:  # both: Transfer-Encoding wins, and the connection ends
@@ -711,9 +744,9 @@ class Pool:
             try:
                 return await self._exchange(conn, head, data, keep)
             except (Disconnected, ConnectionError):
-                if conn.received or self._closed:
-                    raise
-                # the server closed it while idle (it saw nothing): once more, on a new one
+                if conn.received or self._closed or method not in IDEMPOTENT:
+                    raise  # a POST the server may have acted on is never sent twice
+                # closed while idle, as it seems: once more, on a new connection
         conn = await self._connect(target.origin)
         return await self._exchange(conn, head, data, keep)
 
@@ -722,11 +755,14 @@ class Pool:
 
     async def _exchange(self, conn: Connection, head: bytes, data: bytes, keep: bool) -> Response:
         self._busy.add(conn)
+        waiter: asyncio.Future[Response] | None = None
         try:
-            return await conn.send(head, data, keep)
+            waiter = conn.send(head, data, keep)
+            return await waiter
         except BaseException:
-            conn.abort()
-            self._busy.discard(conn)
+            if not _handed_back(waiter):  # else it may carry another request already
+                conn.abort()
+                self._busy.discard(conn)
             raise
 
     def _pooled(self, origin: Origin) -> Connection | None:
@@ -734,8 +770,12 @@ class Pool:
         while idle:
             conn = idle.pop()
             transport = conn.transport
-            if not conn.closed and transport is not None and not transport.is_closing():
-                return conn
+            if conn.closed or transport is None or transport.is_closing():
+                continue
+            if conn.readable():
+                conn.abort()
+                continue
+            return conn
         return None
 
     async def _connect(self, origin: Origin) -> Connection:
@@ -816,6 +856,14 @@ class Pool:
             conn.abort()
         self._busy.clear()
         await asyncio.sleep(0)  # let the transports call connection_lost
+
+
+def _handed_back(waiter: asyncio.Future[Response] | None) -> bool:
+    """The response came whole before its caller resumed: its connection went back to the
+    pool (or was closed) and is no longer this request's."""
+    if waiter is None or not waiter.done() or waiter.cancelled() or waiter.exception():
+        return False
+    return waiter.result()._conn is None
 
 
 @functools.cache
