@@ -541,10 +541,8 @@ class Connection(asyncio.Protocol):
                     return
                 self._state = _CHUNK_END
             elif state == _CHUNK_SIZE:
-                eol = data.find(b"\r\n", pos, pos + MAX_LINE + 2)
+                eol = _find_end(data, pos, b"\r\n", MAX_LINE, "a chunk-size line is too long")
                 if eol < 0:
-                    if size - pos > MAX_LINE:
-                        raise ProtocolError("a chunk-size line is too long")
                     break
                 digits = data[pos:eol].split(b";", 1)[0].strip(b" \t")
                 pos = eol + 2
@@ -560,10 +558,8 @@ class Connection(asyncio.Protocol):
                 pos += 2
                 self._state = _CHUNK_SIZE
             elif state == _HEAD:
-                eol = data.find(b"\r\n\r\n", pos, pos + MAX_HEAD + 4)
+                eol = _find_end(data, pos, b"\r\n\r\n", MAX_HEAD, "the response head is too large")
                 if eol < 0:
-                    if size - pos > MAX_HEAD:
-                        raise ProtocolError("the response head is too large")
                     break
                 head = data[pos:eol]
                 pos = eol + 4
@@ -571,10 +567,8 @@ class Connection(asyncio.Protocol):
                     self._end_of_body(extra=pos < size)
                     return
             elif state == _TRAILERS:
-                eol = data.find(b"\r\n", pos, pos + MAX_LINE + 2)
+                eol = _find_end(data, pos, b"\r\n", MAX_LINE, "a trailer line is too long")
                 if eol < 0:
-                    if size - pos > MAX_LINE:
-                        raise ProtocolError("a trailer line is too long")
                     break
                 empty = eol == pos
                 pos = eol + 2
@@ -856,6 +850,15 @@ class Pool:
             conn.abort()
         self._busy.clear()
         await asyncio.sleep(0)  # let the transports call connection_lost
+
+
+def _find_end(data: bytes, pos: int, end: bytes, limit: int, too_long: str) -> int:
+    """Where `end` starts after `pos`, -1 when more bytes are needed; ProtocolError
+    (`too_long`) when more than `limit` bytes came without it."""
+    eol = data.find(end, pos, pos + limit + len(end))
+    if eol < 0 and len(data) - pos > limit:
+        raise ProtocolError(too_long)
+    return eol
 
 
 def _handed_back(waiter: asyncio.Future[Response] | None) -> bool:
