@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import marshal
 import os
@@ -26,6 +25,8 @@ import threading
 import uuid
 from pathlib import Path
 from typing import IO, Any
+
+from mitmroute.spend.rows import SpillFiles, is_file_id
 
 log = logging.getLogger("mitmroute.spend.journal")
 
@@ -95,12 +96,12 @@ class Journal:
                         f.close()
 
 
-def recover(db_path: str | os.PathLike[str]) -> int:
-    """Turn the journal segments no child holds into spill replay files; returns their rows."""
+def recover(db_path: str | os.PathLike[str], spill: SpillFiles) -> int:
+    """Turn the journal segments no child holds into `spill` replay files; returns their rows."""
     base = Path(f"{db_path}.journal")
     total = 0
     for path in sorted(base.parent.glob(base.name + ".*")):
-        if not _is_segment_name(path.name, base.name):
+        if not is_file_id(path.name[len(base.name) + 1 :]):
             continue
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed below
@@ -111,23 +112,15 @@ def recover(db_path: str | os.PathLike[str]) -> int:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 continue  # a live child's
-            lines = list(_rows(f))
-            if lines:
-                _write_replay_file(Path(db_path), lines)
-                total += len(lines)
-                log.info("spend: %d rows of a journal left by a killed writer: %s", len(lines),
-                         path.name)  # fmt: skip
+            if n := spill.add_replay(_rows(f)):
+                total += n
+                log.info("spend: %d rows of a journal left by a killed writer: %s", n, path.name)
             path.unlink(missing_ok=True)
         except OSError as e:
             log.error("spend: cannot recover %s (%s); it stays for the next start", path, e)
         finally:
             f.close()
     return total
-
-
-def _is_segment_name(name: str, stem: str) -> bool:
-    tail = name[len(stem) + 1 :]
-    return len(tail) == 32 and all(c in "0123456789abcdef" for c in tail)
 
 
 def _new_segment(db_path: Path) -> tuple[IO[bytes], Path]:
@@ -149,25 +142,24 @@ def _drop(f: IO[bytes], path: Path) -> None:
         f.close()
 
 
+def read_frame(stream: IO[bytes]) -> bytes | None:
+    """The next message, marshalled, or None at EOF (or a frame cut short by a kill)."""
+    head = stream.read(FRAME.size)
+    if len(head) < FRAME.size:
+        return None
+    (size,) = FRAME.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return data
+
+
 def _rows(f: IO[bytes]) -> Any:
     """The rows of a segment's frames; a frame cut short by the kill ends it."""
-    while len(head := f.read(FRAME.size)) == FRAME.size:
-        (size,) = FRAME.unpack(head)
-        data = f.read(size)
-        if len(data) < size:
-            return
+    while (data := read_frame(f)) is not None:
         try:
             kind, body = marshal.loads(data)
         except (EOFError, ValueError, TypeError):
             return
         if kind == "rows":
             yield from body
-
-
-def _write_replay_file(db_path: Path, lines: list[Any]) -> None:
-    """The rows as a claimed spill file (`<db>.spill.<32 hex>.jsonl`), whole or not at all."""
-    text = "".join(json.dumps([row, att], separators=(",", ":")) + "\n" for row, att in lines)
-    final = Path(f"{db_path}.spill.{uuid.uuid4().hex}.jsonl")
-    partial = final.with_name(final.name + ".partial")
-    partial.write_bytes(text.encode())
-    os.replace(partial, final)

@@ -72,7 +72,7 @@ class SharedSpillFiles(SpillFiles):
         with self.lock:
             if self._live_fd is None or not self.path.exists():
                 return None
-            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            target = self._replay_name()
             os.replace(self.path, target)
             self._locks[str(target)], self._live_fd = self._live_fd, None
             return target
@@ -90,7 +90,7 @@ class SharedSpillFiles(SpillFiles):
             fd = _lock_nowait(path)
             if fd is None:
                 continue
-            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            target = self._replay_name()
             try:
                 os.replace(path, target)
             except OSError:

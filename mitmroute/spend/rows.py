@@ -150,6 +150,16 @@ _LOG_WIDTH = len(schema.SPEND_LOG)
 _ATTEMPT_WIDTH = len(schema.SPEND_ATTEMPTS)
 
 
+def is_file_id(text: str) -> bool:
+    """The unique part of a spill replay file's or a journal segment's name (32 hex digits)."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
+def _spill_text(lines: Iterable[Line]) -> str:
+    """Rows as spill lines: one JSON `[row, attempts]` a line."""
+    return "".join(json.dumps([row, att], separators=(",", ":")) + "\n" for row, att in lines)
+
+
 def _append(path: Path, data: bytes, fsync: bool) -> None:
     """Append `data` to `path` whole or not at all.
 
@@ -208,7 +218,7 @@ class SpillFiles:
 
     def append(self, lines: Iterable[Line]) -> int:
         """Append rows (one JSON line per Exchange), all or none (OSError); returns how many."""
-        text = "".join(json.dumps([row, att], separators=(",", ":")) + "\n" for row, att in lines)
+        text = _spill_text(lines)
         if not text:
             return 0
         with self.lock:
@@ -237,8 +247,7 @@ class SpillFiles:
         base = Path(self._stem)
         found = []
         for p in base.parent.glob(base.name + ".*.jsonl"):
-            middle = p.name[len(base.name) + 1 : -len(".jsonl")]
-            if len(middle) == 32 and all(c in "0123456789abcdef" for c in middle):
+            if is_file_id(p.name[len(base.name) + 1 : -len(".jsonl")]):
                 found.append(p)
         return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
@@ -256,9 +265,23 @@ class SpillFiles:
                     return None
             except FileNotFoundError:
                 return None
-            target = Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
+            target = self._replay_name()
             os.replace(self.path, target)
             return target
+
+    def add_replay(self, lines: Iterable[Line]) -> int:
+        """The rows as a replay file of their own (rows another process left), whole or not
+        at all (OSError); returns how many."""
+        text = _spill_text(lines)
+        if text:
+            final = self._replay_name()
+            partial = final.with_name(final.name + ".partial")
+            partial.write_bytes(text.encode())
+            os.replace(partial, final)
+        return text.count("\n")
+
+    def _replay_name(self) -> Path:
+        return Path(f"{self._stem}.{uuid.uuid4().hex}.jsonl")
 
     @staticmethod
     def spill_id(path: Path) -> str:

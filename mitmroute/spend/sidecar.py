@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from mitmroute.children import child_argv, child_env
-from mitmroute.spend.journal import FRAME, Journal, recover
+from mitmroute.spend.journal import FRAME, Journal, read_frame, recover
 from mitmroute.spend.rows import ON_FULL, Line, RowBuilder, SpillFiles, Troubles
 
 if TYPE_CHECKING:
@@ -589,18 +589,6 @@ class SpendSidecar(Troubles):
 # --- the child ----------------------------------------------------------------------------------
 
 
-def _read_frame(stream: IO[bytes]) -> bytes | None:
-    """The next message, marshalled, or None at EOF (or a frame cut short by a dying proxy)."""
-    head = stream.read(FRAME.size)
-    if len(head) < FRAME.size:
-        return None
-    (size,) = FRAME.unpack(head)
-    data = stream.read(size)
-    if len(data) < size:
-        return None
-    return data
-
-
 def main() -> int:
     """The child: write the rows the proxy sends until it closes us (or dies)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -611,7 +599,7 @@ def main() -> int:
         stream=sys.stderr, level=logging.INFO, format="[spend sidecar] %(levelname)s %(message)s"
     )
     stdin = sys.stdin.buffer
-    first = _read_frame(stdin)
+    first = read_frame(stdin)
     if first is None:
         return 0
     kind, target = marshal.loads(first)
@@ -633,7 +621,7 @@ def main() -> int:
         from mitmroute.spend.writer import SpendLog
 
         writer = SpendLog(target["db"], flush_interval=FLUSH_INTERVAL, **options)
-    recover(target["db"])  # rows a killed child had received: replayed by the writer
+    recover(target["db"], writer.spill)  # rows a killed child had received: the writer replays
     journal = Journal(target["db"])
     last: list[Any] = [None]
 
@@ -656,7 +644,7 @@ def main() -> int:
     say({"hello": {"spill": str(writer.spill.path), "pid": os.getpid()}})
     writer.start()
     close_timeout = 10.0
-    while (frame := _read_frame(stdin)) is not None:
+    while (frame := read_frame(stdin)) is not None:
         kind, body = marshal.loads(frame)
         if kind == "rows":
             journal.append(frame, len(body))

@@ -6,6 +6,7 @@ import json
 import marshal
 
 from mitmroute.spend.journal import Journal, recover
+from mitmroute.spend.rows import SpillFiles
 
 
 def frame(first: int, n: int) -> bytes:
@@ -38,12 +39,12 @@ def test_segments_of_a_live_journal_are_not_recovered_and_an_orphans_are(tmp_pat
     journal = Journal(db)
     journal.append(frame(1, 2), 2)
     journal.append(frame(3, 1), 1)
-    assert recover(db) == 0  # held: its child is alive
+    assert recover(db, SpillFiles(db)) == 0  # held: its child is alive
     journal.close(complete=False)  # the child ended with rows unsettled: they stay
     (path,) = segments(tmp_path)
     with path.open("ab") as f:  # and the kill cut its last frame short
         f.write(b"\x00\x00\x01\x00torn")
-    assert recover(db) == 3
+    assert recover(db, SpillFiles(db)) == 3
     assert segments(tmp_path) == []
     (replay,) = tmp_path.glob("spend.duckdb.spill.*.jsonl")
     ids = [json.loads(line)[0][0] for line in replay.read_text().splitlines()]
