@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -237,40 +238,54 @@ def test_buffer_full_drops_and_counts(tmp_path, sidecars):
     assert "2 lost (buffer full" in s.describe()
 
 
-def test_a_sigkilled_proxy_leaves_the_child_to_write_everything(tmp_path):
-    """EOF on its stdin: the child writes every row it got, then exits."""
-    db = tmp_path / "spend.duckdb"
-    script = textwrap.dedent(
-        f"""
+@contextlib.contextmanager
+def proxy_process(db: Path, feed: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A process with a SpendSidecar on `db` that runs `feed` (Python, `s` is the sidecar,
+    `make` builds an Exchange), prints its child's pid and waits: (it, the child's pid). Killed
+    afterwards if the test did not."""
+    script = (
+        textwrap.dedent(
+            f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
         from mitmroute.spend.sidecar import SpendSidecar
         from tests.unit.test_spend_writer import make
         s = SpendSidecar({str(db)!r}).start()
         s.ready.wait(30)  # a proxy serves once started: the child reads its pipe by then
-        for i in range(250):
-            s.record(make(i))
-        while s._queue:
-            time.sleep(0.01)
-        time.sleep(0.05)
-        print(s.child.pid, flush=True)
-        time.sleep(60)
         """
+        )
+        + textwrap.dedent(feed)
+        + "print(s.child.pid, flush=True)\ntime.sleep(60)\n"
     )
     proxy = subprocess.Popen(
         [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
     )
     try:
-        child = int(proxy.stdout.readline())
-        assert running(child)
-        proxy.send_signal(signal.SIGKILL)
-        proxy.wait(10)
-        assert wait_gone([child], 30) == []
+        assert proxy.stdout is not None
+        yield proxy, int(proxy.stdout.readline())
     finally:
         if proxy.poll() is None:
             proxy.kill()
             proxy.wait(5)
+        assert proxy.stdout is not None
         proxy.stdout.close()
+
+
+def test_a_sigkilled_proxy_leaves_the_child_to_write_everything(tmp_path):
+    """EOF on its stdin: the child writes every row it got, then exits."""
+    db = tmp_path / "spend.duckdb"
+    feed = """
+        for i in range(250):
+            s.record(make(i))
+        while s._queue:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        """
+    with proxy_process(db, feed) as (proxy, child):
+        assert running(child)
+        proxy.send_signal(signal.SIGKILL)
+        proxy.wait(10)
+        assert wait_gone([child], 30) == []
     assert stored(db) == (250, 250)
 
 
@@ -278,14 +293,7 @@ def test_a_container_killed_whole_loses_nothing_the_child_had_received(tmp_path,
     """Proxy and child SIGKILLed at once, between the child's flushes: the rows the child had
     received are in its journal, and the next child replays them into the db, once each."""
     db = tmp_path / "spend.duckdb"
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        sys.path.insert(0, {str(REPO)!r})
-        from mitmroute.spend.sidecar import SpendSidecar
-        from tests.unit.test_spend_writer import make
-        s = SpendSidecar({str(db)!r}).start()
-        s.ready.wait(30)
+    feed = """
         for i in range(100):
             s.record(make(i))
         while s.summary()["db"] < 100:  # a first flush: its segment is deleted one later
@@ -295,24 +303,12 @@ def test_a_container_killed_whole_loses_nothing_the_child_had_received(tmp_path,
         while s._queue:
             time.sleep(0.01)
         time.sleep(0.2)  # read from the pipe by the child, far from its next flush
-        print(s.child.pid, flush=True)
-        time.sleep(60)
         """
-    )
-    proxy = subprocess.Popen(
-        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
-    )
-    try:
-        child = int(proxy.stdout.readline())
+    with proxy_process(db, feed) as (proxy, child):
         os.kill(child, signal.SIGKILL)
         proxy.kill()
         proxy.wait(10)
         assert wait_gone([child], 30) == []
-    finally:
-        if proxy.poll() is None:
-            proxy.kill()
-            proxy.wait(5)
-        proxy.stdout.close()
     assert stored(db)[0] < 350  # the kill came before the flush of the last rows
     assert list(tmp_path.glob("spend.duckdb.journal.*"))
     s = sidecars(db)
