@@ -108,6 +108,18 @@ def answer(body: bytes = b"ok", *headers: str, status: str = "200 OK") -> Handle
     return handler
 
 
+def then_stall(raw: bytes) -> Handler:
+    """A handler that sends `raw` (the start of an answer) and then nothing more."""
+
+    async def handler(reader: Reader, writer: Writer, request: Request) -> bool:
+        writer.write(raw)
+        await writer.drain()
+        await asyncio.sleep(5)
+        return False
+
+    return handler
+
+
 @pytest.fixture
 async def pool():
     client = Pool()
@@ -493,13 +505,7 @@ async def test_a_malformed_or_oversized_answer_is_an_error(pool, head):
 
 
 async def test_set_exception_wakes_a_pending_read(pool):
-    async def slow(reader: Reader, writer: Writer, request: Request) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-        return False
-
-    async with RawServer(slow) as server:
+    async with RawServer(then_stall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")) as server:
         resp = await pool.post(f"{server.url}/", b"", {})
         reading = asyncio.ensure_future(resp.content.readany())
         await asyncio.sleep(0.05)
@@ -564,13 +570,8 @@ async def test_an_idle_connection_is_closed_after_the_keepalive_timeout(pool, mo
 
 
 async def test_closing_the_client_fails_answers_under_way(pool):
-    async def slow(reader: Reader, writer: Writer, request: Request) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
-        await writer.drain()
-        await asyncio.sleep(5)
-        return False
-
-    async with RawServer(slow) as server:
+    start = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n"
+    async with RawServer(then_stall(start)) as server:
         resp = await pool.post(f"{server.url}/", b"", {})
         assert await resp.content.readany() == b"hi"
         await pool.close()
